@@ -1,0 +1,151 @@
+"""The `mast` command line: one subcommand per stage (the contract in ARCHITECTURE.md).
+
+This file only parses arguments. Each subcommand's handler lives beside the code it drives
+(`mast.<module>.cli_<command>(args) -> int`) and is imported on use, so `mast --help` is fast.
+Exit status: 0 success, 2 bad input (one line naming the file or field), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from mast.files import InputError
+
+# subcommand -> "module:function"
+HANDLERS = {
+    "toy": "mast.toy:cli_toy",
+    "select": "mast.selection:cli_select",
+    "diagnose": "mast.diagnostics:cli_diagnose",
+    "unlearn": "mast.unlearn:cli_unlearn",
+    "eval": "mast.evaluation:cli_eval",
+    "grade": "mast.grading:cli_grade",
+    "stats": "mast.stats:cli_stats",
+    "sweep": "mast.sweep:cli_sweep",
+    "report": "mast.report:cli_report",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage errors are bad input too: exit 2, one line
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mast", description="MAST sweep platform: select, unlearn, evaluate, test, sweep, report.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("toy", help="build the CPU demo triple: OUT/base, OUT/sft, OUT/rlvr, OUT/data, OUT/suites")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
+
+    s = sub.add_parser("select", help="rank candidate tensors by the MAST signals and pick the top-k")
+    s.add_argument("--reference", required=True, metavar="DIR", help="the SFT checkpoint")
+    s.add_argument("--target", required=True, metavar="DIR", help="the RLVR checkpoint")
+    s.add_argument("--forget", required=True, metavar="JSONL", help="forget problems (for the coupling signal)")
+    s.add_argument("--rule", default="mast")
+    s.add_argument("--k", type=int, default=8)
+    s.add_argument("--rho", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--spec", metavar="YAML", help="a selection spec (weights, candidates); flags override it")
+    s.add_argument("--cache-dir", metavar="DIR")
+    s.add_argument("--out", required=True, metavar="SELECTION.json")
+
+    s = sub.add_parser("diagnose", help="mechanism diagnostics: per-token Δlog-prob of SFT vs RLVR, spectra")
+    s.add_argument("--base", required=True, metavar="DIR")
+    s.add_argument("--reference", required=True, metavar="DIR")
+    s.add_argument("--target", required=True, metavar="DIR")
+    s.add_argument("--forget", required=True, metavar="JSONL")
+    s.add_argument("--rho", type=float, default=0.05)
+    s.add_argument("--out", default="diagnostics", metavar="DIR")
+
+    s = sub.add_parser("unlearn", help="update only the selected tensors with an unlearning objective")
+    s.add_argument("--target", required=True, metavar="DIR")
+    s.add_argument("--selection", required=True, metavar="SELECTION.json")
+    s.add_argument("--forget", required=True, metavar="JSONL")
+    s.add_argument("--retain", metavar="JSONL")
+    s.add_argument("--objective", choices=["ga", "npo", "simnpo"])
+    s.add_argument("--steps", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--spec", metavar="YAML", help="an unlearning spec; flags override it")
+    s.add_argument("--out", required=True, metavar="DIR")
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint on a suite; one record per problem")
+    s.add_argument("--model", required=True, metavar="DIR")
+    s.add_argument("--suite", required=True, metavar="SUITE.yaml")
+    s.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    s.add_argument("--data-dir", metavar="DIR")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--cache-dir", metavar="DIR")
+    s.add_argument("--no-cache", action="store_true")
+    s.add_argument("--out", required=True, metavar="RESULTS.jsonl")
+
+    s = sub.add_parser("grade", help="extract final answers and check them for mathematical equivalence")
+    s.add_argument("input", metavar="IN.jsonl", help='rows {"id", "benchmark", "gold", "response"}')
+    s.add_argument("--out", metavar="OUT.jsonl")
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds per answer before it counts as wrong")
+    s.add_argument("--workers", type=int)
+
+    s = sub.add_parser("stats", help="paired significance tests")
+    ss = s.add_subparsers(dest="stats_command", metavar="TEST", parser_class=_Parser)
+    ss.required = True
+    m = ss.add_parser("mcnemar", help="exact McNemar test of two per-problem result files")
+    m.add_argument("before", metavar="BEFORE.jsonl")
+    m.add_argument("after", metavar="AFTER.jsonl")
+    m.add_argument("--n-bootstrap", type=int, default=2000)
+    m.add_argument("--confidence", type=float, default=0.95)
+    m.add_argument("--seed", type=int, default=0)
+    m = ss.add_parser("seeds", help="seed-level table: per condition, paired tests vs baselines, Holm")
+    m.add_argument("results", metavar="RESULTS", help="a sweep folder or a per-trial results table (JSONL/CSV)")
+    m.add_argument("--suite", default="forget")
+    m.add_argument("--out", metavar="OUT.json")
+
+    s = sub.add_parser("sweep", help="run a sweep spec with Ray Tune, tracked in MLflow")
+    s.add_argument("spec", metavar="SPEC.yaml")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    s.add_argument("--data-dir", metavar="DIR")
+    s.add_argument("--out", metavar="DIR", help="sweep folder (default runs/<name>)")
+
+    s = sub.add_parser("report", help="paper-style tables and plots of a finished sweep")
+    s.add_argument("sweep_dir", nargs="?", metavar="SWEEP_DIR")
+    s.add_argument("--experiment", metavar="NAME", help="build from an MLflow experiment instead")
+    s.add_argument("--tracking-uri", metavar="URI")
+    s.add_argument("--out", metavar="DIR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, func = HANDLERS[args.command].split(":")
+    try:
+        handler = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError):
+        print(f"mast {args.command}: not available yet in this build ({module}.{func} missing)", file=sys.stderr)
+        return 1
+    try:
+        return int(handler(args) or 0)
+    except InputError as e:
+        print(f"mast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # internal error: one line, the traceback only on request
+        if os.environ.get("MAST_DEBUG"):
+            raise
+        print(
+            f"mast {args.command}: internal error: {type(e).__name__}: {e} (set MAST_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Typed specs, validated when loaded, with the paper's defaults.
+
+A sweep spec (``sweeps/*.yaml``) and an evaluation suite (``eval/*.yaml``) are pydantic
+models. :func:`load_yaml` turns any validation problem into one :class:`InputError` line
+that names the file and the field, e.g. ``sweeps/x.yaml: unlearning.steps: must be > 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mast.files import InputError
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class Spec(BaseModel):
+    """Base for every spec: unknown fields are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class DecodingSpec(Spec):
+    """Decoding settings shared by the vLLM and transformers backends. Default: greedy."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(1024, gt=0)
+    n: int = Field(1, gt=0)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+class ProbeSpec(Spec):
+    """Prefix-recovery probe: condition on the first p% of the reference solution."""
+
+    kind: Literal["prefix_recovery"] = "prefix_recovery"
+    fractions: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_unit_interval(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= p < 1.0 for p in v):
+            raise ValueError("each fraction must be in [0, 1)")
+        return v
+
+
+class SuiteSpec(Spec):
+    """One evaluation suite: which problems, which prompt, which decoding.
+
+    `benchmark` names a loader (`math`, `math500`, `gsm8k`) or `jsonl` for a problem file
+    (`path`, relative to the suite file). `grader` picks answer extraction / equivalence.
+    """
+
+    name: str
+    benchmark: Literal["math", "math500", "gsm8k", "jsonl"]
+    split: str = "test"
+    path: str | None = None
+    grader: Literal["math", "gsm8k"] | None = None
+    template: Literal["qwen_boxed", "boxed_user", "plain"] = "qwen_boxed"
+    decoding: DecodingSpec = Field(default_factory=DecodingSpec)
+    limit: int | None = Field(None, gt=0)
+    probe: Literal["prefix_recovery"] | ProbeSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SuiteSpec:
+        if self.benchmark == "jsonl" and not self.path:
+            raise ValueError("benchmark 'jsonl' needs a 'path' to a problem file")
+        if self.grader is None:
+            self.grader = "gsm8k" if self.benchmark == "gsm8k" else "math"
+        if self.probe == "prefix_recovery":
+            self.probe = ProbeSpec()
+        return self
+
+
+# --------------------------------------------------------------------------- method
+
+
+RuleName = Literal["mast", "off_principal", "magnitude", "coupling", "random", "attention", "full"]
+ObjectiveName = Literal["ga", "npo", "simnpo"]
+
+
+class SelectionSpec(Spec):
+    """Which tensors to update. `candidates` are module-name suffixes of the inventory."""
+
+    rule: RuleName = "mast"
+    k: int = Field(8, gt=0)
+    rho: float = Field(0.05, gt=0.0, le=1.0)
+    seed: int = 0
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"update_magnitude": 1.0, "off_principal_energy": 1.0, "coupling": 1.0}
+    )
+    candidates: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    coupling_batch_size: int = Field(8, gt=0)
+    max_length: int = Field(1024, gt=0)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_signals(cls, v: dict[str, float]) -> dict[str, float]:
+        known = {"update_magnitude", "off_principal_energy", "coupling"}
+        bad = set(v) - known
+        if bad:
+            raise ValueError(f"unknown signal(s) {sorted(bad)}; known: {sorted(known)}")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("weights must be >= 0 and not all zero")
+        return v
+
+
+class UnlearnSpec(Spec):
+    """The unlearning run. Defaults from the unlearning literature for ~1.5B models."""
+
+    objective: ObjectiveName = "npo"
+    beta: float | None = Field(None, gt=0.0, description="NPO 0.1, SimNPO 2.5 when unset")
+    gamma: float = 0.0
+    retain: Literal["nll", "kl", "none"] = "nll"
+    alpha: float = Field(1.0, ge=0.0)
+    lr: float = Field(1e-5, gt=0.0)
+    steps: int = Field(50, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_length: int = Field(1024, gt=0)
+    seed: int = 0
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    texts: Literal["reference", "generated"] = "reference"
+
+    @property
+    def effective_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return {"npo": 0.1, "simnpo": 2.5}.get(self.objective, 0.0)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+class ToyModels(Spec):
+    seed: int = 0
+    out: str | None = None
+
+
+class ModelsSpec(Spec):
+    """Hub ids or local folders; or `toy: {seed}` to build (or reuse) the CPU triple."""
+
+    reference: str | None = None
+    target: str | None = None
+    base: str | None = None
+    toy: ToyModels | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelsSpec:
+        if self.toy is None and not (self.reference and self.target):
+            raise ValueError("give 'reference' and 'target', or 'toy: {seed: N}'")
+        if self.toy is not None and (self.reference or self.target):
+            raise ValueError("give either 'toy' or 'reference'/'target', not both")
+        return self
+
+
+class DataSpec(Spec):
+    """Forget / retain splits from the MATH pool (MATH minus MATH-500), or the toy's files."""
+
+    forget_size: int = Field(150, gt=0)
+    retain_size: int = Field(150, gt=0)
+    split_seed: int = 0
+    data_dir: str | None = None
+    levels: list[int] | None = None
+    subjects: list[str] | None = None
+    require_target_correct: bool = False
+
+
+class EvaluationSpec(Spec):
+    """Which suites every trial is scored on, with which backend."""
+
+    suites: list[str] = Field(default_factory=lambda: ["forget", "retain", "gsm8k"])
+    backend: Literal["hf", "vllm"] = "hf"
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0)
+    decoding: DecodingSpec | None = None
+    n_bootstrap: int = Field(2000, gt=0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class ResourcesSpec(Spec):
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+    max_concurrent: int = Field(1, gt=0)
+    max_failures: int = Field(1, ge=0)
+
+
+class TrackingSpec(Spec):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class SchedulerSpec(Spec):
+    kind: Literal["fifo", "asha"] = "fifo"
+    metric: str = "forget/delta"
+    mode: Literal["min", "max"] = "min"
+
+
+class SweepSpec(Spec):
+    """A whole experiment: models, data, the grid, and how to run and track it."""
+
+    name: str
+    output_dir: str | None = None
+    models: ModelsSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    grid: dict[str, list[Any]]
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    unlearning: UnlearnSpec = Field(default_factory=UnlearnSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_fields(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        known = {"rule", "k", "rho", "seed"} | set(UnlearnSpec.model_fields)
+        for key, values in v.items():
+            if key not in known:
+                raise ValueError(f"unknown grid field {key!r}; allowed: rule, k, rho, seed, or an unlearning field")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid field {key!r} must be a non-empty list")
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _format_error(path: os.PathLike | str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after")) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: {loc}: {msg}{extra}"
+
+
+def validate(model: type[S], data: Any, source: str) -> S:
+    """Validate `data` as `model`, raising InputError('source: field: message')."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise InputError(_format_error(source, err)) from None
+
+
+def load_yaml(path: str | os.PathLike, model: type[S]) -> S:
+    """Load a YAML file into `model`; every problem is one InputError line naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}: invalid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping at the top level")
+    return validate(model, data, str(path))
+
+
+def load_suite(path: str | os.PathLike) -> SuiteSpec:
+    """An evaluation suite; a relative `path` inside it is resolved against the suite's folder."""
+    suite = load_yaml(path, SuiteSpec)
+    if suite.path and not Path(suite.path).is_absolute():
+        suite.path = str((Path(path).parent / suite.path).resolve())
+    return suite

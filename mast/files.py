@@ -1,0 +1,166 @@
+"""Reading and writing the plain files stages exchange (JSON, JSONL, checkpoint folders).
+
+Every reader raises :class:`InputError` naming the file (and line or field) at fault, so the
+CLI can exit 2 with one line. Every writer is atomic: it writes a temporary sibling and
+renames it, so a crash or a retry never leaves a half-written result behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class InputError(Exception):
+    """Bad user input. The CLI prints the message (one line) and exits with status 2."""
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:
+    """Rows of a JSONL file; blank lines are skipped, each row must be an object with `required`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    required = tuple(required)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise InputError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    _atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    _atomic_write_text(Path(path), "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename.
+
+    On an exception the temporary folder is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise InputError(f"{final}: already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stable_hash(obj: Any) -> str:
+    """Content hash of a JSON-serialisable object (key order independent); 16 hex chars."""
+    text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def fingerprint_model(model_dir: str | os.PathLike) -> str:
+    """Content fingerprint of a checkpoint folder: weights (*.safetensors, *.bin), config, tokenizer.
+
+    A Hub id (a path that does not exist locally) is fingerprinted by its name; resolve it
+    to a local snapshot first for a content hash. The result is memoised per (path, mtimes).
+    """
+    d = Path(model_dir)
+    if not d.is_dir():
+        return "hub:" + str(model_dir)
+    files = sorted(
+        p for p in d.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in _MODEL_FILES)
+    )
+    if not files:
+        raise InputError(f"{d}: not a checkpoint folder (no *.safetensors or config.json)")
+    key = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    cached = _FINGERPRINTS.get((str(d.resolve()), key))
+    if cached:
+        return cached
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    fp = h.hexdigest()[:16]
+    _FINGERPRINTS[(str(d.resolve()), key)] = fp
+    return fp
+
+
+_FINGERPRINTS: dict = {}
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where content-addressed caches live: `cache_dir`, else $MAST_CACHE, else ~/.cache/mast."""
+    root = Path(cache_dir or os.environ.get("MAST_CACHE") or Path.home() / ".cache" / "mast")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
