@@ -1,0 +1,167 @@
+"""Grading: answer extraction, math-verify equivalence, hard timeouts in worker processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mast.grading import extract_answer, grade_records, is_equivalent, last_boxed
+
+TOWER = "2^{2^{2^{2^{2^{2^{2}}}}}}"
+NESTED = "\\frac{1}{" * 300 + "2" + "}" * 300
+DIGITS = "9" * 10_000
+
+# (benchmark, gold, response, correct)
+TABLE = [
+    # fractions, decimals, \dfrac
+    ("math", "\\frac{1}{2}", "So the answer is $\\boxed{0.5}$.", True),
+    ("math", "\\frac{1}{2}", "\\boxed{\\dfrac{1}{2}}", True),
+    ("math", "\\dfrac{3}{4}", "\\boxed{\\frac34}", True),
+    ("math", "0.75", "\\boxed{\\frac{3}{4}}", True),
+    ("math", "\\frac{1}{3}", "\\boxed{0.33}", False),
+    ("math", "\\frac{2}{3}", "\\boxed{\\tfrac{4}{6}}", True),
+    ("math", "-\\frac{1}{2}", "\\boxed{-0.5}", True),
+    # radicals
+    ("math", "2\\sqrt{3}", "\\boxed{\\sqrt{12}}", True),
+    ("math", "\\frac{\\sqrt{2}}{2}", "\\boxed{\\frac{1}{\\sqrt{2}}}", True),
+    ("math", "3\\sqrt{2}", "\\boxed{2\\sqrt{3}}", False),
+    # degrees
+    ("math", "30^\\circ", "\\boxed{30}", True),
+    ("math", "30", "The angle is \\boxed{30^{\\circ}}.", True),
+    ("math", "45^\\circ", "\\boxed{40^\\circ}", False),
+    # intervals
+    ("math", "[1,2)", "\\boxed{[1, 2)}", True),
+    ("math", "(-\\infty, 3]", "\\boxed{(-\\infty,3]}", True),
+    ("math", "[1,2)", "\\boxed{(1,2]}", False),
+    ("math", "(2,5)", "\\boxed{x \\in (2,5)}", True),
+    # tuples, sets, matrices
+    ("math", "\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\pi/2)}", True),
+    ("math", "(3,-1)", "\\boxed{(-1,3)}", False),
+    ("math", "1, 2", "\\boxed{2, 1}", True),
+    ("math", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", True),
+    # percent and dollars
+    ("math", "10\\%", "\\boxed{10}", True),
+    ("math", "25\\%", "\\boxed{0.25}", True),
+    ("math", "\\$18.90", "\\boxed{18.9}", True),
+    ("math", "18.90", "\\boxed{\\$18.90}", True),
+    # symbolic expressions, equations, text
+    ("math", "x^2+2x+1", "\\boxed{(x+1)^2}", True),
+    ("math", "y = 2x + 3", "\\boxed{y=3+2x}", True),
+    ("math", "\\pi", "\\boxed{\\pi}", True),
+    ("math", "2\\pi", "\\boxed{\\pi}", False),
+    ("math", "\\text{(C)}", "The correct option is \\boxed{C}.", True),
+    ("math", "x^2+2x+1", "\\boxed{x^2+2x+2}", False),
+    ("math", "5", "\\boxed{6}", False),
+    # nested braces, \fbox, last box wins, fallbacks
+    ("math", "\\frac{3}{8}", "First \\boxed{1}, then corrected: \\boxed{\\frac{3}{8}}", True),
+    ("math", "\\{1,2\\}", "\\boxed{\\{1,2\\}}", True),
+    ("math", "7", "\\fbox{7}", True),
+    ("math", "7", "After all that, the final answer is 7.", True),
+    ("math", "12", "so we get 3 * 4 = 12", True),
+    # missing / empty / truncated
+    ("math", "7", "", False),
+    ("math", "7", "I cannot solve this problem.", False),
+    ("math", "7", "the result is \\boxed{7", False),
+    ("math", "7", None, False),
+    # GSM8K: ####, thousands separators, dollars, boxed, "the answer is", last number
+    ("gsm8k", "18", "She makes 9 * 2 = $18 every day.\n#### 18", True),
+    ("gsm8k", "1080", "In total \\boxed{\\$1,080}.", True),
+    ("gsm8k", "70000", "Profit: 200,000 - 130,000 = 70,000\n#### 70,000", True),
+    ("gsm8k", "5", "The answer is 5 apples.", True),
+    ("gsm8k", "3", "2 + 1 = 3 bolts", True),
+    ("gsm8k", "3.5", "\\boxed{3.50}", True),
+    ("gsm8k", "-4", "#### -4", True),
+    ("gsm8k", "18", "#### 19", False),
+    ("gsm8k", "18", "", False),
+    ("gsm8k", "20", "\\boxed{20\\%}", True),
+    # pathological: must be wrong, within seconds
+    ("math", "2", "\\boxed{" + TOWER + "}", False),
+    ("math", "3", "\\boxed{" + DIGITS + "}", False),
+    ("math", "1", "\\boxed{" + NESTED + "}", False),
+    ("gsm8k", "3", "#### " + DIGITS, False),
+]
+
+
+def _rows(table):
+    return [{"id": i, "benchmark": b, "gold": g, "response": r} for i, (b, g, r, _) in enumerate(table)]
+
+
+def test_extract_answer_forms():
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{x^{2}}") == "x^{2}"
+    assert last_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"
+    assert last_boxed("\\boxed 5$") == "5"
+    assert last_boxed("\\boxed{1} and \\boxed{2") == "1"
+    assert extract_answer("#### 1,234", "gsm8k") == "1234"
+    assert extract_answer("costs \\$1,234.50 in total", "gsm8k") == "1234.50"
+    assert extract_answer("The answer is $\\frac{3}{4}$.", "math") == "\\frac{3}{4}"
+    assert extract_answer("   ", "math") is None and extract_answer(None, "gsm8k") is None
+    assert extract_answer("no digits here", "gsm8k") is None
+
+
+def test_grading_table(tmp_path):
+    assert len(TABLE) >= 40
+    t0 = time.monotonic()
+    out = grade_records(_rows(TABLE), timeout_s=2.0)
+    elapsed = time.monotonic() - t0
+    wrong = [(TABLE[r["id"]][1], TABLE[r["id"]][2][:60] if TABLE[r["id"]][2] else None, r["extracted"] and r["extracted"][:40])
+             for r in out if r["correct"] != TABLE[r["id"]][3]]
+    assert not wrong, wrong
+    assert [r["id"] for r in out] == list(range(len(TABLE)))
+    assert all(set(r) >= {"id", "benchmark", "gold", "response", "extracted", "correct"} for r in out)
+    # three answers may time out (2 s each) plus worker restarts; nothing may hang
+    assert elapsed < 40, elapsed
+
+
+def test_is_equivalent_direct():
+    assert is_equivalent("\\frac{1}{2}", "0.5", "math")
+    assert is_equivalent("1000", "1,000", "gsm8k")
+    assert not is_equivalent("7", None, "math") and not is_equivalent("7", "", "math")
+
+
+@pytest.mark.parametrize("answer", [TOWER, NESTED], ids=["tower", "nested_frac"])
+def test_pathological_answer_is_wrong_within_timeout(answer):
+    rows = [{"id": "bad", "benchmark": "math", "gold": "2", "response": f"\\boxed{{{answer}}}"},
+            {"id": "good", "benchmark": "math", "gold": "\\frac{1}{2}", "response": "\\boxed{0.5}"}]
+    t0 = time.monotonic()
+    out = grade_records(rows, timeout_s=1.0, workers=1, chunk_size=2)
+    assert time.monotonic() - t0 < 15
+    assert [r["correct"] for r in out] == [False, True]  # the good answer after it in the chunk still graded
+
+
+def test_grading_from_a_thread_honours_timeout():
+    rows = _rows([("math", "2", "\\boxed{" + TOWER + "}", False), ("math", "\\frac{1}{2}", "\\boxed{0.5}", True),
+                  ("gsm8k", "1080", "#### 1,080", True)])
+    box: dict = {}
+
+    def work():
+        t0 = time.monotonic()
+        box["out"] = grade_records(rows, timeout_s=1.0)
+        box["t"] = time.monotonic() - t0
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(60)
+    assert not th.is_alive()
+    assert [r["correct"] for r in box["out"]] == [False, True, True] and box["t"] < 15
+
+
+def test_grade_cli(tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = _rows(TABLE[:6] + TABLE[-5:-3])
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dst = tmp_path / "out.jsonl"
+    p = subprocess.run([sys.executable, "-m", "mast.cli", "grade", str(src), "--out", str(dst), "--timeout", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = [json.loads(line) for line in dst.read_text().splitlines()]
+    expected = [t[3] for t in TABLE[:6] + TABLE[-5:-3]]
+    assert [r["correct"] for r in out] == expected
+    assert f"accuracy {sum(expected)}/8" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "mast.cli", "grade", str(src)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == len(rows)
