@@ -104,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m = ss.add_parser("seeds", help="seed-level table: per condition, paired tests vs baselines, Holm")
     m.add_argument("results", metavar="RESULTS", help="a sweep folder or a per-trial results table (JSONL/CSV)")
-    m.add_argument("--suite", default="forget")
+    m.add_argument("--suite", default="forget", help="a suite, a comma-separated list, or 'all'")
+    m.add_argument("--confidence", type=float, default=0.95)
+    m.add_argument("--alpha", type=float, default=0.05, help="family-wise error rate for Holm")
+    m.add_argument("--primary", choices=["ttest", "wilcoxon", "sign"], default="ttest",
+                   help="the test whose p-values enter the Holm family")
+    m.add_argument("--family", choices=["sweep", "table"], default="sweep",
+                   help="Holm over every suite's comparisons (sweep) or only the suites shown (table)")
     m.add_argument("--out", metavar="OUT.json")
 
     s = sub.add_parser("sweep", help="run a sweep spec with Ray Tune, tracked in MLflow")

@@ -1,0 +1,646 @@
+"""Paired significance tests: per trial (exact McNemar + bootstrap CI) and across seeds (paired tests, Holm).
+
+Per trial, per suite, a trial's per-problem results are paired with the target's cached results on
+the same problem ids (`paired_table`). With b = right->wrong and c = wrong->right flips:
+
+- exact McNemar: two-sided binomial test of b successes in b + c trials at p = 1/2
+  (p = min(1, 2 * P[Bin(b + c, 1/2) <= min(b, c)])); no discordant pair -> p = 1.
+  The paper's 8 right->wrong, 0 back: p = 2 * 0.5**8 = 0.0078125.
+- delta = acc_after - acc_before = (c - b) / n, with a paired percentile-bootstrap interval:
+  resampling the n problems with replacement is resampling their (before, after) cells, so each
+  replicate's (b*, c*) is Multinomial(n; b/n, c/n, 1 - (b + c)/n) and delta* = (c* - b*) / n.
+  The interval is therefore a function of the recorded (n, b, c, n_bootstrap, confidence, seed) alone.
+
+Across seeds (`seed_level_table`), per condition = the trial config minus the seed:
+mean of the per-seed deltas with a Student-t interval, and paired comparisons matched by seed
+against the `full` baseline (same config apart from rule and k) and the `random` baseline (same
+config apart from the rule). Primary test: paired t-test on the per-seed deltas (each delta is a
+mean over n problems, so close to normal); exact Wilcoxon signed-rank and exact sign test are
+recorded beside it. Holm over the whole family of primary comparisons in the sweep (every
+suite x condition x baseline: one sweep supports claims about forgetting AND retention), raw and
+adjusted p side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mast.files import InputError, read_jsonl, write_json
+
+MCNEMAR_KEYS = ("n", "both_correct", "right_to_wrong", "wrong_to_right", "both_wrong",
+                "acc_before", "acc_after", "delta", "ci_low", "ci_high", "p_value")
+MCNEMAR_TEST = "exact McNemar (two-sided binomial on discordant pairs, p=1/2)"
+CI_METHOD = "paired percentile bootstrap over problems (multinomial on the 2x2 cells)"
+
+# rules whose trials ignore k (every parameter / every attention projection)
+K_FREE_RULES = ("full", "attention")
+PRIMARY_TESTS = ("ttest", "wilcoxon", "sign")
+PRIMARY_REASON = {
+    "ttest": ("paired t-test is primary: each per-seed delta is a mean over the suite's problems, so the "
+              "paired differences are close to normal, and with 3-5 seeds the exact rank/sign tests cannot "
+              "reach p < 0.05 at all (two-sided floor 2/2^n: n=3 0.25, n=4 0.125, n=5 0.0625), so they "
+              "are reported as distribution-free checks, not as the decision"),
+    "wilcoxon": "exact Wilcoxon signed-rank is primary (distribution-free; floor 2/2^n on its p-value)",
+    "sign": "exact sign test is primary (distribution-free; floor 2/2^n on its p-value)",
+}
+_MAX_NAMED = 5
+
+
+# --------------------------------------------------------------------------- pure math: one trial
+
+
+def mcnemar_counts(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int, int, int]:
+    """2x2 paired table of two aligned boolean vectors: (both_correct, right_to_wrong, wrong_to_right, both_wrong)."""
+    b = np.asarray(before, dtype=bool)
+    a = np.asarray(after, dtype=bool)
+    if b.shape != a.shape or b.ndim != 1:
+        raise ValueError(f"before/after must be aligned 1-d vectors, got {b.shape} and {a.shape}")
+    return (int(np.sum(b & a)), int(np.sum(b & ~a)), int(np.sum(~b & a)), int(np.sum(~b & ~a)))
+
+
+def exact_mcnemar_p(right_to_wrong: int, wrong_to_right: int) -> float:
+    """Two-sided exact McNemar p: binomtest(b, b + c, 1/2); 1.0 without discordant pairs."""
+    from scipy.stats import binomtest
+
+    b, c = int(right_to_wrong), int(wrong_to_right)
+    if b < 0 or c < 0:
+        raise ValueError("counts must be >= 0")
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def bootstrap_delta_ci(n: int, right_to_wrong: int, wrong_to_right: int, n_bootstrap: int = 2000,
+                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of delta* = (c* - b*)/n over `n_bootstrap` paired resamples of the n problems.
+
+    Resampling problems with replacement draws (b*, c*, rest*) ~ Multinomial(n; b/n, c/n, rest/n).
+    """
+    n, b, c = int(n), int(right_to_wrong), int(wrong_to_right)
+    if n <= 0 or b < 0 or c < 0 or b + c > n:
+        raise ValueError(f"invalid counts n={n}, right_to_wrong={b}, wrong_to_right={c}")
+    if n_bootstrap <= 0:
+        raise ValueError("n_bootstrap must be > 0")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError("confidence must be in (0, 1)")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    draws = rng.multinomial(n, [b / n, c / n, (n - b - c) / n], size=int(n_bootstrap))
+    deltas = (draws[:, 1] - draws[:, 0]) / n
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(deltas, [tail, 1.0 - tail])
+    return float(lo), float(hi)
+
+
+def mcnemar_from_counts(both_correct: int, right_to_wrong: int, wrong_to_right: int, both_wrong: int,
+                        n_bootstrap: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """The McNemar dict of ARCHITECTURE.md from the 2x2 counts, plus the inputs that reproduce it."""
+    counts = (both_correct, right_to_wrong, wrong_to_right, both_wrong)
+    if any(int(x) != x or x < 0 for x in counts):
+        raise ValueError(f"counts must be non-negative integers, got {counts}")
+    n = int(sum(counts))
+    if n == 0:
+        raise ValueError("no problems")
+    acc_before = (both_correct + right_to_wrong) / n
+    acc_after = (both_correct + wrong_to_right) / n
+    lo, hi = bootstrap_delta_ci(n, right_to_wrong, wrong_to_right, n_bootstrap, confidence, seed)
+    return {
+        "n": n, "both_correct": int(both_correct), "right_to_wrong": int(right_to_wrong),
+        "wrong_to_right": int(wrong_to_right), "both_wrong": int(both_wrong),
+        "acc_before": acc_before, "acc_after": acc_after, "delta": (wrong_to_right - right_to_wrong) / n,
+        "ci_low": lo, "ci_high": hi, "p_value": exact_mcnemar_p(right_to_wrong, wrong_to_right),
+        "test": MCNEMAR_TEST, "ci_method": CI_METHOD,
+        "n_bootstrap": int(n_bootstrap), "confidence": float(confidence), "seed": int(seed),
+    }
+
+
+# --------------------------------------------------------------------------- pure math: across seeds
+
+
+def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[float]:
+    """Holm step-down adjusted p-values (original order): p_(i) -> max_{j<=i} min(1, (m - j + 1) p_(j))."""
+    return holm_reject(pvalues, alpha)[0]
+
+
+def holm_reject(pvalues: Sequence[float], alpha: float = 0.05) -> tuple[list[float], list[bool]]:
+    """(adjusted p, reject at alpha) by statsmodels' multipletests(method="holm") (its default is Holm-Sidak)."""
+    p = [float(x) for x in pvalues]
+    if not p:
+        return [], []
+    if any(not 0.0 <= x <= 1.0 for x in p):
+        raise ValueError(f"p-values must be in [0, 1], got {p}")
+    from statsmodels.stats.multitest import multipletests
+
+    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="holm")
+    return [float(x) for x in adjusted], [bool(x) for x in reject]
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean, sample sd and Student-t interval mean -/+ t_{n-1} sd / sqrt(n) (None for n < 2)."""
+    from scipy.stats import t as student_t
+
+    x = np.asarray(values, dtype=float)
+    n = int(x.size)
+    if n == 0:
+        raise ValueError("no values")
+    mean = float(x.mean())
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "ci_low": None, "ci_high": None}
+    sd = float(x.std(ddof=1))
+    half = float(student_t.ppf(0.5 + confidence / 2.0, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def exact_test_floor(n: int) -> float:
+    """Smallest two-sided p an exact sign / signed-rank test can give with n non-zero pairs: min(1, 2/2^n)."""
+    return 1.0 if n <= 0 else min(1.0, 2.0 / 2.0**n)
+
+
+def paired_tests(x: Sequence[float], y: Sequence[float], confidence: float = 0.95, decimals: int = 12) -> dict:
+    """Paired t-test, exact Wilcoxon signed-rank and exact sign test of d = x - y (two-sided).
+
+    d is rounded to `decimals` so that deltas that are equal fractions k/n give exact zeros and ties.
+    Zero differences are dropped by Wilcoxon (zero_method="wilcox") and the sign test.
+    The t-test is undefined (p None) for n < 2 or sd(d) = 0 with mean(d) != 0; sd = mean = 0 gives p = 1.
+    """
+    from scipy import stats as st
+
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xa.shape != ya.shape or xa.ndim != 1:
+        raise ValueError("x and y must be aligned 1-d vectors")
+    d = np.round(xa - ya, decimals)
+    n = int(d.size)
+    nonzero = d[d != 0]
+    out: dict = {"n": n, "differences": [float(v) for v in d], "mean_difference": float(d.mean()) if n else None,
+                 "n_nonzero": int(nonzero.size), "exact_p_floor": exact_test_floor(int(nonzero.size))}
+    # paired t-test
+    tt: dict = {"test": "paired t-test (scipy.stats.ttest_rel)", "statistic": None, "df": n - 1, "p_value": None,
+                "ci_low": None, "ci_high": None, "note": None}
+    if n < 2:
+        tt["note"] = "fewer than 2 matched seeds"
+    elif float(d.std(ddof=1)) == 0.0:
+        if float(d.mean()) == 0.0:
+            tt.update(p_value=1.0, statistic=0.0, ci_low=0.0, ci_high=0.0, note="all differences are 0")
+        else:
+            tt["note"] = "zero variance of the paired differences: t-test undefined"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            r = st.ttest_rel(xa, ya)
+            ci = r.confidence_interval(confidence)
+        tt.update(statistic=float(r.statistic), p_value=float(r.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
+    out["ttest"] = tt
+    # exact Wilcoxon signed-rank
+    wx: dict = {"test": "exact Wilcoxon signed-rank (scipy.stats.wilcoxon, method='exact', zero_method='wilcox')",
+                "statistic": None, "p_value": None, "note": None}
+    if nonzero.size == 0:
+        wx.update(p_value=1.0, note="all differences are 0" if n else "no matched seeds")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            r = st.wilcoxon(nonzero, method="exact", zero_method="wilcox")
+        wx.update(statistic=float(r.statistic), p_value=float(r.pvalue))
+        if len(np.unique(np.abs(nonzero))) < nonzero.size:
+            wx["note"] = "tied |differences|"
+    out["wilcoxon"] = wx
+    # exact sign test
+    pos = int(np.sum(nonzero > 0))
+    sg: dict = {"test": "exact sign test (scipy.stats.binomtest on positive differences)",
+                "n_positive": pos, "n_negative": int(nonzero.size) - pos, "p_value": 1.0}
+    if nonzero.size:
+        sg["p_value"] = float(st.binomtest(pos, int(nonzero.size), 0.5).pvalue)
+    out["sign"] = sg
+    return out
+
+
+# --------------------------------------------------------------------------- records -> tables (I/O shapes)
+
+
+def _correct(row: dict, side: str) -> bool:
+    v = row.get("correct")
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    raise InputError(f"{side}: record {row.get('id')!r}: 'correct' must be true/false, got {v!r}")
+
+
+def _name_some(ids: Iterable) -> str:
+    ids = sorted(ids, key=str)
+    shown = ", ".join(str(i) for i in ids[:_MAX_NAMED])
+    return shown + (f" ... (+{len(ids) - _MAX_NAMED} more)" if len(ids) > _MAX_NAMED else "")
+
+
+def _index(rows: Sequence[dict], side: str) -> dict:
+    out: dict = {}
+    dups = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "id" not in row:
+            raise InputError(f"{side}: record {i} has no 'id'")
+        if row["id"] in out:
+            dups.add(row["id"])
+        out[row["id"]] = _correct(row, side)
+    if dups:
+        raise InputError(f"{side}: duplicate id(s) {_name_some(dups)}")
+    return out
+
+
+def paired_table(before: Sequence[dict], after: Sequence[dict], names: tuple[str, str] = ("before", "after")
+                 ) -> tuple[list, np.ndarray, np.ndarray]:
+    """Match per-problem result records by "id": (ids sorted, before correct[], after correct[]).
+
+    Raises InputError naming (some of) the missing ids and the side that lacks them, or duplicates.
+    """
+    b, a = _index(before, names[0]), _index(after, names[1])
+    if not b and not a:
+        raise InputError(f"{names[0]}/{names[1]}: no records")
+    only_b, only_a = set(b) - set(a), set(a) - set(b)
+    if only_b or only_a:
+        parts = []
+        if only_b:
+            parts.append(f"{names[1]} is missing {len(only_b)} id(s) present in {names[0]}: {_name_some(only_b)}")
+        if only_a:
+            parts.append(f"{names[0]} is missing {len(only_a)} id(s) present in {names[1]}: {_name_some(only_a)}")
+        raise InputError("; ".join(parts))
+    ids = sorted(b, key=str)
+    return ids, np.array([b[i] for i in ids], dtype=bool), np.array([a[i] for i in ids], dtype=bool)
+
+
+def mcnemar_test(before: Sequence[dict], after: Sequence[dict], n_bootstrap: int = 2000,
+                 confidence: float = 0.95, seed: int = 0, names: tuple[str, str] = ("before", "after")) -> dict:
+    """Exact McNemar + paired bootstrap CI of the accuracy delta for two per-problem result lists."""
+    if n_bootstrap <= 0:
+        raise InputError(f"n_bootstrap must be > 0, got {n_bootstrap}")
+    if not 0.0 < confidence < 1.0:
+        raise InputError(f"confidence must be in (0, 1), got {confidence}")
+    _, b, a = paired_table(before, after, names)
+    return mcnemar_from_counts(*mcnemar_counts(b, a), n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+
+
+def _cond_key(config: dict) -> tuple:
+    """Condition = the config without the seed; k dropped for rules that ignore it."""
+    cfg = {k: v for k, v in config.items() if k != "seed"}
+    if cfg.get("rule") in K_FREE_RULES:
+        cfg.pop("k", None)
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in cfg.items()))
+
+
+def condition_label(config: dict) -> str:
+    """Readable name of a condition, e.g. 'mast/npo/k=8' or 'full/npo' (+ other grid fields)."""
+    parts = [str(config.get("rule", "?"))]
+    if config.get("objective") is not None:
+        parts.append(str(config["objective"]))
+    if config.get("rule") not in K_FREE_RULES and config.get("k") is not None:
+        parts.append(f"k={config['k']}")
+    extra = [f"{k}={config[k]}" for k in sorted(config) if k not in ("rule", "objective", "k", "seed")]
+    return "/".join(parts + extra)
+
+
+def _condition_config(config: dict) -> dict:
+    cfg = {k: v for k, v in config.items() if k != "seed"}
+    if cfg.get("rule") in K_FREE_RULES:
+        cfg.pop("k", None)
+    return cfg
+
+
+def _baseline_key(config: dict, baseline: str) -> tuple:
+    cfg = dict(config)
+    cfg["rule"] = baseline
+    return _cond_key(cfg)
+
+
+def suites_of(trials: Sequence[dict]) -> list[str]:
+    """Suites present in the ok trials, forget first, then retain, then the rest in first-seen order."""
+    seen: list[str] = []
+    for t in trials:
+        if t.get("status") == "ok":
+            for s in t.get("suites") or {}:
+                if s not in seen:
+                    seen.append(s)
+    return sorted(seen, key=lambda s: (s != "forget", s != "retain", seen.index(s)))
+
+
+def _check_trials(trials: Sequence[dict]) -> None:
+    for i, t in enumerate(trials):
+        tid = t.get("trial_id", f"row {i}") if isinstance(t, dict) else f"row {i}"
+        if not isinstance(t, dict):
+            raise InputError(f"trials: row {i}: expected an object")
+        if t.get("status") not in ("ok", "failed"):
+            raise InputError(f"trials: {tid}: status must be 'ok' or 'failed', got {t.get('status')!r}")
+        cfg = t.get("config")
+        if not isinstance(cfg, dict) or "rule" not in cfg or "seed" not in cfg:
+            raise InputError(f"trials: {tid}: config must be an object with at least 'rule' and 'seed'")
+        if t["status"] == "ok" and not isinstance(t.get("suites"), dict):
+            raise InputError(f"trials: {tid}: an ok trial needs 'suites' (suite -> McNemar dict)")
+
+
+def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None = "forget", confidence: float = 0.95,
+                     baselines: Sequence[str] = ("full", "random"), alpha: float = 0.05,
+                     primary: str = "ttest", family: str = "sweep") -> dict:
+    """Seed-level table of trials.jsonl rows: per condition mean delta + t-interval, paired tests vs baselines.
+
+    `suite`: one suite, a list, or None for every suite in the trials (the rows returned).
+    `family`: "sweep" (default) = Holm over every testable primary comparison of every suite in the
+    trials (suites x conditions x baselines), whichever suites are returned, so adjusted p-values agree
+    with the sweep's seed_table.json; "table" = only the returned suites' comparisons.
+    Failed trials are listed, not used.
+    Returns {"suites", "primary_test", "primary_reason", "family", "conditions", "comparisons",
+    "failed", "notes", ...}; every comparison records seeds, both sides' deltas and the differences.
+    """
+    if family not in ("sweep", "table"):
+        raise InputError(f"family must be 'sweep' or 'table', got {family!r}")
+    if primary not in PRIMARY_TESTS:
+        raise InputError(f"primary test must be one of {PRIMARY_TESTS}, got {primary!r}")
+    if not 0.0 < confidence < 1.0:
+        raise InputError(f"confidence must be in (0, 1), got {confidence}")
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha must be in (0, 1), got {alpha}")
+    _check_trials(trials)
+    ok = [t for t in trials if t["status"] == "ok"]
+    failed = [{"trial_id": t.get("trial_id"), "config": t.get("config"), "error": t.get("error")}
+              for t in trials if t["status"] == "failed"]
+    if suite is None:
+        suites = suites_of(trials)
+    elif isinstance(suite, str):
+        suites = [suite]
+    else:
+        suites = list(suite)
+    for s in suites:
+        if not any(s in t["suites"] for t in ok):
+            raise InputError(f"trials: no ok trial has suite {s!r} (have: {', '.join(suites_of(trials)) or 'none'})")
+
+    conditions: list[dict] = []
+    comparisons: list[dict] = []
+    notes: list[str] = []
+    tested = suites_of(trials) if family == "sweep" else suites
+    for s in tested:
+        # condition key -> {seed: (delta, trial_id)}
+        by_cond: dict[tuple, dict] = {}
+        cfg_of: dict[tuple, dict] = {}
+        for t in ok:
+            if s not in t["suites"]:
+                notes.append(f"{s}: trial {t.get('trial_id')} has no result for this suite")
+                continue
+            m = t["suites"][s]
+            if not isinstance(m, dict) or not isinstance(m.get("delta"), (int, float)):
+                raise InputError(f"trials: {t.get('trial_id')}: suites.{s}.delta missing or not a number")
+            key = _cond_key(t["config"])
+            seed = t["config"]["seed"]
+            slot = by_cond.setdefault(key, {})
+            if seed in slot and t["config"].get("rule") in K_FREE_RULES:
+                notes.append(f"{s}: {t.get('trial_id')} repeats {slot[seed][1]} ({condition_label(t['config'])} "
+                             f"ignores k; seed {seed}): the first is used")
+                continue
+            if seed in slot:
+                raise InputError(f"trials: {t.get('trial_id')} and {slot[seed][1]}: same condition "
+                                 f"{condition_label(t['config'])} and seed {seed} (suite {s})")
+            slot[seed] = (float(m["delta"]), t.get("trial_id"), m)
+            cfg_of[key] = _condition_config(t["config"])
+        order = sorted(by_cond, key=lambda k: _sort_key(cfg_of[k]))
+        for key in order:
+            seeds = sorted(by_cond[key], key=_seed_sort)
+            deltas = [by_cond[key][sd][0] for sd in seeds]
+            ti = t_interval(deltas, confidence)
+            ms = [by_cond[key][sd][2] for sd in seeds]
+            conditions.append({
+                "suite": s, "condition": condition_label(cfg_of[key]), "config": cfg_of[key],
+                "seeds": seeds, "trial_ids": [by_cond[key][sd][1] for sd in seeds], "deltas": deltas,
+                "n_seeds": ti["n"], "mean_delta": ti["mean"], "sd_delta": ti["sd"],
+                "ci_low": ti["ci_low"], "ci_high": ti["ci_high"], "confidence": confidence,
+                "interval": "Student t over seeds",
+                "acc_before": [m.get("acc_before") for m in ms], "acc_after": [m.get("acc_after") for m in ms],
+                "n_problems": [m.get("n") for m in ms], "p_values": [m.get("p_value") for m in ms],
+            })
+            for base in baselines:
+                if cfg_of[key].get("rule") == base:
+                    continue
+                bkey = _baseline_key(cfg_of[key], base)
+                if bkey not in by_cond:
+                    continue
+                matched = [sd for sd in seeds if sd in by_cond[bkey]]
+                unmatched = sorted(set(seeds) ^ set(by_cond[bkey]), key=_seed_sort)
+                x = [by_cond[key][sd][0] for sd in matched]
+                y = [by_cond[bkey][sd][0] for sd in matched]
+                tests = paired_tests(x, y, confidence)
+                p_primary = tests[primary]["p_value"]
+                comparisons.append({
+                    "suite": s, "condition": condition_label(cfg_of[key]), "baseline": base,
+                    "baseline_condition": condition_label(cfg_of[bkey]), "seeds": matched,
+                    "unmatched_seeds": unmatched, "n": len(matched), "deltas": x, "baseline_deltas": y,
+                    "differences": tests["differences"], "mean_difference": tests["mean_difference"],
+                    "ttest": tests["ttest"], "wilcoxon": tests["wilcoxon"], "sign": tests["sign"],
+                    "exact_p_floor": tests["exact_p_floor"], "primary_test": primary,
+                    "p_raw": p_primary, "p_holm": None, "reject": None,
+                    "in_family": p_primary is not None,
+                })
+    # Holm over the whole family (every testable primary comparison in this table)
+    fam = [c for c in comparisons if c["in_family"]]
+    adj, rej = holm_reject([c["p_raw"] for c in fam], alpha)
+    for c, pa, r in zip(fam, adj, rej):
+        c["p_holm"], c["reject"] = pa, r
+    # the secondary (exact Wilcoxon) p-values adjusted over the same family, for reference
+    adj_w, _ = holm_reject([c["wilcoxon"]["p_value"] for c in fam], alpha)
+    for c, pa in zip(fam, adj_w):
+        c["wilcoxon"]["p_holm"] = pa
+    fam_suites = [x for x in tested if any(c["suite"] == x for c in fam)] or tested
+    fam_info = {"scope": ("sweep: every suite (" if family == "sweep" else "table: suites (")
+                + ", ".join(fam_suites) + ") x condition x baseline",
+                "method": "holm", "implementation": "statsmodels multipletests(method='holm')", "alpha": alpha,
+                "size": len(fam), "n_rejected": int(sum(rej)), "suites": fam_suites}
+    conditions = [c for c in conditions if c["suite"] in suites]
+    comparisons = [c for c in comparisons if c["suite"] in suites]
+    notes = [n for n in notes if n.split(":", 1)[0] in suites]
+    floors = sorted({c["exact_p_floor"] for c in comparisons})
+    if comparisons and max(c["n"] for c in comparisons) <= 5:
+        notes.append("every comparison has <= 5 matched seeds: the exact Wilcoxon / sign tests cannot reach "
+                     f"p < 0.05 (two-sided floor 2/2^n; floors here: {', '.join(f'{f:.4g}' for f in floors)})")
+    excluded = [c for c in comparisons if not c["in_family"]]
+    for c in excluded:
+        notes.append(f"{c['suite']}: {c['condition']} vs {c['baseline']}: not tested ({c['ttest']['note']}); "
+                     "left out of the Holm family")
+    return {
+        "suites": suites, "primary_test": primary, "primary_reason": PRIMARY_REASON[primary],
+        "alternative": "two-sided", "confidence": confidence, "baselines": list(baselines),
+        "family": fam_info,
+        "exact_p_floors": floors,
+        "conditions": conditions, "comparisons": comparisons, "failed": failed,
+        "n_trials": len(trials), "n_ok": len(ok), "notes": notes,
+    }
+
+
+_RULE_ORDER = ("mast", "full", "random", "attention", "off_principal", "magnitude", "coupling")
+_OBJ_ORDER = ("ga", "npo", "simnpo")
+
+
+def _order(value, order) -> tuple:
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def _seed_sort(s) -> tuple:
+    return (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s))
+
+
+def _sort_key(cfg: dict) -> tuple:
+    k = cfg.get("k")
+    return (_order(cfg.get("rule"), _RULE_ORDER), _order(cfg.get("objective"), _OBJ_ORDER),
+            (0, k) if isinstance(k, (int, float)) else (1, 0),
+            json.dumps({x: v for x, v in cfg.items() if x not in ("rule", "objective", "k")}, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- reading results (I/O)
+
+
+def _coerce(v: str):
+    s = v.strip()
+    if s in ("", "None", "null", "nan", "NaN"):
+        return None
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    for f in (int, float):
+        try:
+            return f(s)
+        except ValueError:
+            pass
+    return s
+
+
+_MCN_COL = re.compile(r"^(?P<suite>.+?)[/.](?P<field>" + "|".join(MCNEMAR_KEYS) + r")$")
+
+
+def _trials_from_csv(path: Path) -> list[dict]:
+    """Wide CSV: one row per trial; columns `<suite>/<field>` or `<suite>.<field>` (McNemar fields),
+    `trial_id`, `status`, `error`, and config columns (prefixes `params.`/`metrics.`/`config.` ignored)."""
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for i, r in enumerate(rows, 2):
+        t: dict = {"trial_id": None, "status": "ok", "error": None, "config": {}, "suites": {}}
+        for col, val in r.items():
+            if col is None:
+                raise InputError(f"{path}:{i}: more fields than the header")
+            name = re.sub(r"^(params|metrics|config)\.", "", col.strip())
+            m = _MCN_COL.match(name)
+            if m:
+                v = _coerce(val or "")
+                if v is not None:
+                    t["suites"].setdefault(m["suite"], {})[m["field"]] = v
+            elif name in ("trial_id", "status", "error"):
+                t[name] = (val or "").strip() or None
+            elif name in ("run_id", "mlflow_run_id"):
+                continue
+            else:
+                t["config"][name] = _coerce(val or "")
+        t["status"] = t["status"] or "ok"
+        t["trial_id"] = t["trial_id"] or f"row{i}"
+        out.append(t)
+    if not out:
+        raise InputError(f"{path}: no rows")
+    return out
+
+
+def load_trials(results: str | Path) -> list[dict]:
+    """Per-trial rows from a sweep folder (its trials.jsonl), a trials JSONL file, or a wide CSV."""
+    p = Path(results)
+    if p.is_dir():
+        if not (p / "trials.jsonl").is_file():
+            raise InputError(f"{p}: no trials.jsonl in this folder (not a sweep folder?)")
+        p = p / "trials.jsonl"
+    if not p.exists():
+        raise InputError(f"{p}: file not found")
+    if p.suffix.lower() == ".csv":
+        trials = _trials_from_csv(p)
+    else:
+        trials = read_jsonl(p, required=("status", "config"))
+    if not trials:
+        raise InputError(f"{p}: no trials")
+    try:
+        _check_trials(trials)
+    except InputError as e:
+        raise InputError(f"{p}: {e}") from None
+    return trials
+
+
+# --------------------------------------------------------------------------- text rendering
+
+
+def _pp(x, signed: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def _p(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.2g}" if x < 0.001 else f"{x:.4f}"
+
+
+def format_seed_table(table: dict) -> str:
+    """Plain-text rendering of seed_level_table(...) (deltas in percentage points)."""
+    lines = [f"seed-level table ({table['confidence']:.0%} intervals; deltas and differences in points; "
+             f"two-sided tests; p Holm = the primary test ({table['primary_test']}) adjusted over "
+             f"{table['family']['size']} comparisons [{table['family']['scope']}], alpha {table['family']['alpha']})"]
+    for s in table["suites"]:
+        lines.append("")
+        lines.append(f"== suite {s}")
+        lines.append(f"{'condition':<34} {'seeds':>5} {'mean delta':>10} {'CI':>17}")
+        for c in (c for c in table["conditions"] if c["suite"] == s):
+            ci = f"[{_pp(c['ci_low'])}, {_pp(c['ci_high'])}]" if c["ci_low"] is not None else "-"
+            lines.append(f"{c['condition']:<34} {c['n_seeds']:>5} {_pp(c['mean_delta']):>10} {ci:>17}")
+        comps = [c for c in table["comparisons"] if c["suite"] == s]
+        if comps:
+            lines.append(f"{'comparison':<46} {'n':>2} {'mean diff':>9} {'p t':>8} {'p Wilcoxon':>10} "
+                         f"{'p sign':>7} {'p Holm':>8} {'reject':>6}")
+            for c in comps:
+                rej = "-" if c["reject"] is None else ("yes" if c["reject"] else "no")
+                lines.append(f"{c['condition'] + ' vs ' + c['baseline']:<46} {c['n']:>2} "
+                             f"{_pp(c['mean_difference']):>9} {_p(c['ttest']['p_value']):>8} "
+                             f"{_p(c['wilcoxon']['p_value']):>10} {_p(c['sign']['p_value']):>7} "
+                             f"{_p(c['p_holm']):>8} {rej:>6}")
+    if table["failed"]:
+        lines.append("")
+        lines.append(f"failed trials ({len(table['failed'])}, not used):")
+        for f in table["failed"]:
+            lines.append(f"  {f['trial_id']}: {f['error']}")
+    lines.append("")
+    lines.append("primary: " + table["primary_reason"])
+    for n in table["notes"]:
+        lines.append("note: " + n)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli_stats(args: argparse.Namespace) -> int:
+    """`mast stats mcnemar BEFORE AFTER` (JSON to stdout) and `mast stats seeds RESULTS [--suite S] [--out J]`."""
+    if args.stats_command == "mcnemar":
+        before = read_jsonl(args.before, required=("id", "correct"))
+        after = read_jsonl(args.after, required=("id", "correct"))
+        res = mcnemar_test(before, after, n_bootstrap=args.n_bootstrap, confidence=args.confidence,
+                           seed=args.seed, names=(str(args.before), str(args.after)))
+        res["before"], res["after"] = str(args.before), str(args.after)
+        print(json.dumps(res, indent=2))
+        return 0
+    if args.stats_command == "seeds":
+        trials = load_trials(args.results)
+        suite = None if args.suite in ("all", "*") else [s.strip() for s in args.suite.split(",") if s.strip()]
+        table = seed_level_table(trials, suite=suite, confidence=args.confidence, alpha=args.alpha,
+                                 primary=args.primary, family=args.family)
+        table["source"] = str(args.results)
+        print(format_seed_table(table))
+        if args.out:
+            write_json(args.out, table)
+            print(f"wrote {args.out}", file=sys.stderr)
+        return 0
+    raise InputError(f"unknown stats test {args.stats_command!r}")
