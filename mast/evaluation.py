@@ -403,8 +403,8 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
         problems = list(problems[: suite.limit] if suite.limit else problems)
     _check_problems(problems, suite.name)
     backend_name = backend if isinstance(backend, str) else backend.name
-    if backend_name not in BACKENDS:
-        raise InputError(f"unknown backend {backend_name!r}; known: {', '.join(BACKENDS)}")
+    if isinstance(backend, str) and backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     tokenizer = backend.tokenizer if not isinstance(backend, str) else load_tokenizer(model_dir)
     prompts = [_format(tokenizer, p["prompt"], suite.template) for p in problems]
     decoding = suite.decoding
@@ -429,7 +429,8 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
             return EvalResult(records, accuracy(records), True, probe_res, key, time.perf_counter() - t0)
 
     owned = isinstance(backend, str)
-    gen = make_backend(backend, model_dir, batch_size=batch_size, **(backend_options or {})) if owned else backend
+    options = {"progress": progress, **(backend_options or {})}
+    gen = make_backend(backend, model_dir, batch_size=batch_size, **options) if owned else backend
     try:
         prompt_ids = encode_prompts(gen.tokenizer, prompts)
         texts = gen.generate_ids(prompt_ids, decoding)
@@ -480,10 +481,15 @@ def prefix_recovery(gen, problems: list[dict], prompts: list[str], suite: SuiteS
     """Solve rate when the assistant turn starts with the first p of the reference solution.
 
     For each fraction p and problem: input = formatted prompt + :func:`solution_prefix`
-    (solution, p); the model continues; prefix + continuation is graded. Returns
-    ``{"fractions": [...], "accuracy": [...], "n": N, "correct": {p: [ids correct]}}``,
-    accuracy[j] = #correct at fractions[j] / N. A model that only hides the skill recovers
-    with short prefixes; one that lost it does not.
+    (solution, p) (character fraction, cut back to a whitespace boundary); the model continues
+    with the suite's decoding. Two scores per p, each #correct / N:
+
+    - ``accuracy``: prefix + continuation graded as one response (the PUM prefix-gain view);
+    - ``accuracy_continuation``: the continuation alone, so a prefix that already states an
+      intermediate number the grader's fallback extraction picks up cannot score by itself.
+
+    A model that only hides the skill recovers with short prefixes; one that lost it does not.
+    Returns ``{"fractions", "accuracy", "accuracy_continuation", "n", "correct": {p: [ids]}, "cut"}``.
     """
     missing = [p["id"] for p in problems if not p.get("solution")]
     if missing:
@@ -493,18 +499,21 @@ def prefix_recovery(gen, problems: list[dict], prompts: list[str], suite: SuiteS
         for prob, prompt in zip(problems, prompts):
             prefix = solution_prefix(prob["solution"], p_frac)
             inputs.append(prompt + prefix)
-            meta.append((p_frac, prob, prefix))
+            meta.append((prob, prefix))
     texts = gen.generate_ids(encode_prompts(gen.tokenizer, inputs), suite.decoding)
-    responses = [prefix + t[0] for (_, _, prefix), t in zip(meta, texts)]
-    graded = _grade([m[1] for m in meta], responses, suite.grader)
+    conts = [t[0] for t in texts]
+    probs = [m[0] for m in meta]
+    graded = _grade(probs, [prefix + c for (_, prefix), c in zip(meta, conts)], suite.grader)
+    graded_cont = _grade(probs, conts, suite.grader)
     n = len(problems)
-    acc, correct = [], {}
+    acc, acc_cont, correct = [], [], {}
     for j, p_frac in enumerate(probe.fractions):
-        rows = graded[j * n:(j + 1) * n]
+        rows, rows_c = graded[j * n:(j + 1) * n], graded_cont[j * n:(j + 1) * n]
         acc.append(sum(bool(r["correct"]) for r in rows) / n if n else 0.0)
+        acc_cont.append(sum(bool(r["correct"]) for r in rows_c) / n if n else 0.0)
         correct[str(p_frac)] = [r["id"] for r in rows if r["correct"]]
-    return {"fractions": list(probe.fractions), "accuracy": acc, "n": n, "correct": correct,
-            "cut": "character fraction, moved back to a whitespace boundary"}
+    return {"fractions": list(probe.fractions), "accuracy": acc, "accuracy_continuation": acc_cont, "n": n,
+            "correct": correct, "cut": "character fraction, moved back to a whitespace boundary"}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,10 @@ import pytest
 from mast.config import DecodingSpec, ProbeSpec, SuiteSpec
 from mast.evaluation import (
     HFBackend,
+    VLLMBackend,
     encode_prompts,
+    evaluate,
+    load_suite_problems,
     solution_prefix,
     truncate_at_stop,
 )
@@ -104,3 +105,171 @@ def test_hf_backend_stop_strings(backend, problems):
 def test_hf_backend_rejects_missing_model(tmp_path):
     with pytest.raises(InputError):
         HFBackend(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- evaluate + cache
+
+
+def _suite(tmp_path, problems, **kw) -> SuiteSpec:
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return SuiteSpec(name="t", benchmark="jsonl", path=str(path),
+                     decoding=DecodingSpec(max_tokens=kw.pop("max_tokens", 6)), **kw)
+
+
+class OracleBackend:
+    """A test double of the backend interface around the real hf backend's tokenizer.
+
+    It answers with the reference solution (or its remainder after a probe prefix) for problems
+    whose number is even and with "no idea" otherwise, so the correct count is known.
+    """
+
+    name = "oracle"
+
+    def __init__(self, real, problems, template="qwen_boxed"):
+        self.tokenizer = real.tokenizer
+        self.by_prompt = {format_prompt(real.tokenizer, p["prompt"], template): p for p in problems}
+        self.calls = []
+
+    def generate_ids(self, prompt_ids, decoding):
+        out = []
+        for ids in prompt_ids:
+            text = self.tokenizer.decode(ids)
+            self.calls.append(text)
+            prompt = max((p for p in self.by_prompt if text.startswith(p)), key=len)
+            prob, prefix = self.by_prompt[prompt], text[len(prompt):]
+            good = int(prob["id"][1:]) % 2 == 0
+            assert prob["solution"].startswith(prefix)
+            out.append([prob["solution"][len(prefix):] if good else "no idea"] * decoding.n)
+        return out
+
+
+def test_evaluate_counts_correct_answers_with_real_grader(backend, problems, tmp_path):
+    suite = _suite(tmp_path, problems[:6])
+    oracle = OracleBackend(backend, problems[:6])
+    res = evaluate(backend.model_dir, suite, backend=oracle, cache_dir=tmp_path / "cache")
+    assert [r["id"] for r in res.records] == [p["id"] for p in problems[:6]]
+    assert [r["correct"] for r in res.records] == [i % 2 == 0 for i in range(6)]
+    assert res.accuracy == pytest.approx(3 / 6) and res.n_correct == 3
+    assert res.records[0]["extracted"] == problems[0]["answer"]
+
+
+def test_evaluate_records_and_cache(tiny_model, problems, tmp_path):
+    suite = _suite(tmp_path, problems)
+    cache = tmp_path / "cache"
+    first = evaluate(tiny_model, suite, problems=problems[:5], cache_dir=cache, batch_size=4, progress=False)
+    assert not first.cache_hit
+    assert [r["id"] for r in first.records] == [p["id"] for p in problems[:5]]
+    for r in first.records:
+        assert set(r) >= {"id", "correct", "response", "extracted", "prompt_sha", "prompt_tokens", "response_tokens"}
+        assert r["correct"] is False  # untrained model
+        assert r["prompt_tokens"] > 0 and 0 < r["response_tokens"] <= 6 + 2
+    files = list((cache / "eval").glob("*.jsonl"))
+    assert len(files) == 1 and files[0].stem == first.key
+
+    again = evaluate(tiny_model, suite, problems=problems[:5], cache_dir=cache, progress=False)
+    assert again.cache_hit and again.records == first.records and again.key == first.key
+    assert again.seconds < first.seconds / 2
+
+    # anything that changes the answers changes the key: problems, decoding, template, backend
+    other = evaluate(tiny_model, suite, problems=problems[:4], cache_dir=cache, progress=False)
+    assert not other.cache_hit and other.records == first.records[:4]  # greedy, batch-independent
+    longer = suite.model_copy(update={"decoding": DecodingSpec(max_tokens=7)})
+    assert not evaluate(tiny_model, longer, problems=problems[:4], cache_dir=cache, progress=False).cache_hit
+    plain = suite.model_copy(update={"template": "plain"})
+    res_plain = evaluate(tiny_model, plain, problems=problems[:4], cache_dir=cache, progress=False)
+    assert not res_plain.cache_hit and res_plain.records[0]["prompt_sha"] != first.records[0]["prompt_sha"]
+    # use_cache=False regenerates and writes nothing
+    n_files = len(list((cache / "eval").glob("*.jsonl")))
+    fresh = evaluate(tiny_model, suite, problems=problems[:5], cache_dir=cache, use_cache=False, progress=False)
+    assert not fresh.cache_hit and fresh.records == first.records
+    assert len(list((cache / "eval").glob("*.jsonl"))) == n_files
+
+
+def test_evaluate_suite_file_limit_and_bad_input(tiny_model, problems, tmp_path):
+    suite = _suite(tmp_path, problems, limit=3)
+    assert [p["id"] for p in load_suite_problems(suite)] == ["p0", "p1", "p2"]
+    res = evaluate(tiny_model, suite, cache_dir=tmp_path / "c", progress=False)
+    assert [r["id"] for r in res.records] == ["p0", "p1", "p2"]
+    with pytest.raises(InputError, match="model folder not found"):
+        evaluate(tmp_path / "missing", suite, cache_dir=tmp_path / "c")
+    with pytest.raises(InputError, match="duplicate problem id"):
+        evaluate(tiny_model, suite, problems=[problems[0], problems[0]], cache_dir=tmp_path / "c")
+    with pytest.raises(InputError, match="unknown backend"):
+        evaluate(tiny_model, suite, backend="nope", cache_dir=tmp_path / "c")
+
+
+def test_load_suite_problems_benchmarks(data_dir):
+    m = load_suite_problems(SuiteSpec(name="m", benchmark="math500", limit=3), data_dir)
+    g = load_suite_problems(SuiteSpec(name="g", benchmark="gsm8k", limit=2), data_dir)
+    assert len(m) == 3 and len(g) == 2
+    assert m == load_suite_problems(SuiteSpec(name="m", benchmark="math500", limit=3), data_dir)
+    for p in m + g:
+        assert {"id", "prompt", "solution", "answer"} <= set(p)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm installed")
+def test_vllm_backend_without_vllm_is_input_error(tiny_model):
+    with pytest.raises(InputError, match=r"pip install -e '\.\[vllm\]'"):
+        VLLMBackend(tiny_model)
+
+
+# --------------------------------------------------------------------------- prefix-recovery probe
+
+
+def test_probe_feeds_prefixes_and_grades_prefix_plus_continuation(backend, problems, tmp_path):
+    probs = problems[:4]
+    suite = _suite(tmp_path, probs, probe=ProbeSpec(fractions=[0.0, 0.5, 0.75]))
+    oracle = OracleBackend(backend, probs)
+    res = evaluate(backend.model_dir, suite, backend=oracle, cache_dir=tmp_path / "cache")
+    assert res.probe["fractions"] == [0.0, 0.5, 0.75] and res.probe["n"] == 4
+    # even ids solved (prefix + rest = the solution); odd ids answer "no idea", which only the
+    # prefix + continuation score can count right (a prefix stating "= 56." feeds the grader's fallback)
+    assert res.probe["accuracy_continuation"] == [0.5, 0.5, 0.5]
+    assert res.probe["accuracy"][0] == 0.5
+    assert all(a >= c for a, c in zip(res.probe["accuracy"], res.probe["accuracy_continuation"]))
+    # the probe inputs are prompt + the whitespace-cut prefix
+    probe_calls = oracle.calls[4:]
+    assert len(probe_calls) == 3 * 4
+    for j, frac in enumerate([0.0, 0.5, 0.75]):
+        for i, p in enumerate(probs):
+            assert probe_calls[j * 4 + i].endswith(format_prompt(backend.tokenizer, p["prompt"], "qwen_boxed")
+                                                   + solution_prefix(p["solution"], frac))
+    hit = evaluate(backend.model_dir, suite, backend=oracle, cache_dir=tmp_path / "cache")
+    assert hit.cache_hit and hit.probe == res.probe
+
+
+def test_probe_on_real_model(tiny_model, problems, tmp_path):
+    suite = _suite(tmp_path, problems[:3], probe="prefix_recovery")
+    res = evaluate(tiny_model, suite, cache_dir=tmp_path / "cache", progress=False)
+    assert res.probe["fractions"] == [0.0, 0.25, 0.5, 0.75]
+    assert len(res.probe["accuracy"]) == 4 and all(0.0 <= a <= 1.0 for a in res.probe["accuracy"])
+    assert res.probe["accuracy"][0] == res.accuracy  # p = 0 is the plain evaluation
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_eval_writes_results_probe_and_hits_cache(tiny_model, problems, tmp_path, capsys):
+    from mast.cli import main
+
+    data = tmp_path / "probs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems[:3]))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: t\nbenchmark: jsonl\npath: probs.jsonl\nprobe: {fractions: [0.0, 0.5]}\n"
+                     "decoding: {max_tokens: 5}\n")
+    out = tmp_path / "out" / "RESULTS.jsonl"
+    argv = ["eval", "--model", str(tiny_model), "--suite", str(suite), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "accuracy: 0/3 = 0.0000" in text and "cache: miss" in text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2"]
+    probe = json.loads((tmp_path / "out" / "RESULTS.probe.json").read_text())
+    assert probe["fractions"] == [0.0, 0.5]
+    assert main(argv) == 0
+    assert "cache: hit" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--suite", str(suite), "--out", str(out)]) == 2
+    assert main(["eval", "--model", str(tiny_model), "--suite", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
+    assert "file not found" in capsys.readouterr().err
