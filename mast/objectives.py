@@ -1,0 +1,148 @@
+"""Unlearning objectives as pure functions of per-sequence log-probabilities.
+
+Notation (one batch of N texts, prompt tokens masked out):
+
+- ``s_i = Σ_t m_it · log π_θ(y_it | y_i,<t)``: the summed log-prob of the completion tokens of
+  text i (``logp``), ``|y_i| = Σ_t m_it`` its completion length (``lengths``);
+- ``s_i^ref``: the same under the frozen target model (``ref_logp``).
+
+Forget objectives (minimised; each lowers the forget texts' likelihood):
+
+- ``ga``     ``L = Σ_i s_i / Σ_i |y_i|``  (= −NLL, the mean token NLL over the batch, negated)
+- ``npo``    ``L = −(2/β) · mean_i log σ(−β (s_i − s_i^ref))``            (β = 0.1)
+- ``simnpo`` ``L = −(2/β) · mean_i log σ(−β s_i / |y_i| − γ)``            (β = 2.5, γ = 0)
+
+Retain terms (minimised, weighted by α in the total ``L_f + α L_r``):
+
+- ``nll``    ``L = −Σ_i s_i / Σ_i |y_i|``  (mean token NLL)
+- ``kl``     ``L = mean_tokens KL(π_ref(·|ctx) ‖ π_θ(·|ctx))`` over the retain completion tokens.
+
+Helpers turn logits into the ``s_i``: :func:`token_logprobs` (log-softmax in float32, gathered at
+the targets) and :func:`sequence_logprobs` (shift, mask, sum per sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+NPO_BETA = 0.1
+SIMNPO_BETA = 2.5
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> float32 (softmax over a vocabulary needs it); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(z)[y]`` per row, computed in (at least) float32. logits (..., V), targets (...) -> (...)."""
+    return -F.cross_entropy(_at_least_f32(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(
+        targets.shape
+    )
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed completion log-probs and completion lengths.
+
+    ``s_i = Σ_{t≥1} m_it · log softmax(z_i,t−1)[x_it]`` and ``|y_i| = Σ_{t≥1} m_it``, where
+    ``z`` are the logits (B, T, V) of a causal LM on ``input_ids`` (B, T) and ``m`` the 0/1
+    completion mask (B, T) from :func:`mast.prompts.tokenize_pair` (padding has m = 0). Only
+    the masked positions go through the log-softmax.
+    """
+    m = completion_mask[:, 1:].bool()
+    rows = logits[:, :-1][m]  # (n_tokens, V)
+    tok = token_logprobs(rows, input_ids[:, 1:][m])
+    return sum_by_sequence(tok, m), m.sum(dim=1)
+
+
+def sum_by_sequence(tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter packed per-token values back to (B, T') by the boolean `mask` and sum each row.
+
+    Deterministic on every device (masked assignment, then a row sum; no atomic adds).
+    """
+    full = torch.zeros(mask.shape, dtype=tok.dtype, device=tok.device)
+    full = full.masked_scatter(mask, tok)
+    return full.sum(dim=1)
+
+
+# --------------------------------------------------------------------------- forget objectives
+
+
+def ga(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent: ``L = Σ_i s_i / Σ_i |y_i|`` (minus the batch's mean token NLL).
+
+    dL/ds_i = 1 / Σ_j |y_j|.
+    """
+    return logp.sum() / lengths.sum().clamp_min(1).to(logp.dtype)
+
+
+def npo(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = NPO_BETA) -> torch.Tensor:
+    """Negative preference optimisation: ``L = −(2/β) · mean_i log σ(−β (s_i − s_i^ref))``.
+
+    dL/ds_i = (2/N) · σ(β (s_i − s_i^ref)); at θ = ref it is GA on summed log-probs, weighted 1/N.
+    """
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp.to(logp.dtype))).mean()
+
+
+def simnpo(logp: torch.Tensor, lengths: torch.Tensor, beta: float = SIMNPO_BETA, gamma: float = 0.0) -> torch.Tensor:
+    """SimNPO: ``L = −(2/β) · mean_i log σ(−β s_i / |y_i| − γ)`` (length-normalised, no reference).
+
+    dL/ds_i = (2/N) · σ(β s_i / |y_i| + γ) / |y_i|.
+    """
+    lengths = lengths.clamp_min(1).to(logp.dtype)
+    return -(2.0 / beta) * F.logsigmoid(-beta * logp / lengths - gamma).mean()
+
+
+OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {"ga": ga, "npo": npo, "simnpo": simnpo}
+NEEDS_REFERENCE = frozenset({"npo"})
+
+
+def forget_loss(
+    objective: str,
+    logp: torch.Tensor,
+    lengths: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    beta: float | None = None,
+    gamma: float = 0.0,
+) -> torch.Tensor:
+    """Dispatch to :data:`OBJECTIVES` with the arguments each objective takes."""
+    if objective == "ga":
+        return ga(logp, lengths)
+    if objective == "npo":
+        if ref_logp is None:
+            raise ValueError("npo needs the reference log-probs")
+        return npo(logp, ref_logp, NPO_BETA if beta is None else beta)
+    if objective == "simnpo":
+        return simnpo(logp, lengths, SIMNPO_BETA if beta is None else beta, gamma)
+    raise ValueError(f"unknown objective {objective!r}; known: {sorted(OBJECTIVES)}")
+
+
+# --------------------------------------------------------------------------- retain terms
+
+
+def nll(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Retain NLL: ``L = −Σ_i s_i / Σ_i |y_i|`` (mean token NLL). dL/ds_i = −1 / Σ_j |y_j|."""
+    return -logp.sum() / lengths.sum().clamp_min(1).to(logp.dtype)
+
+
+def kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Token-level ``mean_t KL(π_ref ‖ π_θ) = mean_t Σ_v p_ref,tv (log p_ref,tv − log p_θ,tv)``.
+
+    `logits` and `ref_logits` are (n_tokens, V) rows at the retain completion positions (what
+    :func:`sequence_logprobs` selects); float32 inside. Gradient wrt θ's logits: (p_θ − p_ref)/n.
+    """
+    logq = F.log_softmax(_at_least_f32(logits), dim=-1)
+    logp_ref = F.log_softmax(_at_least_f32(ref_logits), dim=-1)
+    per_token = (logp_ref.exp() * (logp_ref - logq)).sum(dim=-1)
+    return per_token.mean() if per_token.numel() else logits.sum() * 0.0
+
+
+RETAIN_TERMS = ("nll", "kl", "none")

@@ -1,0 +1,512 @@
+"""The masked unlearning loop: an objective of :mod:`mast.objectives` on exactly the selected tensors.
+
+Given a target checkpoint and a selection (ARCHITECTURE.md shape), only the selected tensors
+get ``requires_grad`` and only they are in the AdamW optimizer; every other parameter keeps
+its stored bits. The ``full`` rule (``selection["all_parameters"]``) trains every parameter in
+the same loop: the full-parameter baseline.
+
+Per optimiser step (``grad_accum`` micro-batches of ``batch_size`` forget texts, and as many
+retain texts when a retain term is on)::
+
+    total = L_f(forget batch) + α · L_r(retain batch),   L_r ∈ {nll, kl}
+
+Texts are ``mast.prompts.problem_pair`` (prompt + solution, prompt tokens masked), right
+padded. ``π_ref`` is the frozen target: for NPO its summed log-probs of every forget text are
+computed once, before the first update (inference mode); for the KL retain term a frozen
+copy of the target scores each retain batch. Learning rate: linear warmup over
+``warmup_steps``, then constant. Data order comes from a ``torch.Generator`` seeded with
+``spec.seed`` (one permutation per pass over the texts); Python, NumPy and torch are seeded too,
+so the same inputs and seed give the same weights on the same hardware.
+
+On CUDA with ``spec.bf16``: bf16 autocast, fp32 master copies of the trainable tensors, frozen
+tensors kept in the stored dtype; ``spec.gradient_checkpointing`` turns on activation
+checkpointing. On CPU both are no-ops (float32 throughout).
+
+Output folder (written atomically; nothing at all when the run fails):
+
+- the full ``save_pretrained`` checkpoint in the target's stored dtype, with its tokenizer;
+- ``delta.safetensors``: the NEW VALUES of the tensors that changed (not new − old: a float
+  difference does not round-trip bit-for-bit). :func:`apply_delta` loads the target and
+  overwrites those tensors, which rebuilds the saved weights exactly; ``new − target`` is one
+  subtraction away for analysis;
+- ``manifest.json`` (target fingerprint, selection summary, spec, seed, final losses, counts);
+- ``losses.jsonl``: one ``{"step", "forget", "retain", "total", "lr", "grad_norm"}`` per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mast.config import UnlearnSpec, load_yaml, validate
+from mast.files import (
+    InputError,
+    atomic_dir,
+    fingerprint_model,
+    read_json,
+    read_jsonl,
+    stable_hash,
+    write_json,
+    write_jsonl,
+)
+from mast.objectives import NEEDS_REFERENCE, forget_loss, kl, nll, sum_by_sequence, token_logprobs
+from mast.prompts import problem_pair
+
+DELTA_FILE = "delta.safetensors"
+MANIFEST_FILE = "manifest.json"
+LOSSES_FILE = "losses.jsonl"
+DELTA_FORMAT = "mast-delta-v1/replace"
+PROBLEM_FIELDS = ("id", "prompt", "solution")
+
+
+@dataclass
+class UnlearnResult:
+    out_dir: Path
+    losses: list[dict] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+
+class UnlearnDiverged(RuntimeError):
+    """The loss or the gradients went NaN/inf at optimiser step `step` (1-based); nothing was written."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(f"diverged at step {step}: {message}")
+        self.step = step
+        self.message = message
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def selection_names(selection: dict, source: str = "selection") -> list[str] | None:
+    """Names of the tensors to train, or None for every parameter (``all_parameters``)."""
+    if not isinstance(selection, dict):
+        raise InputError(f"{source}: expected a JSON object with 'candidates'")
+    if selection.get("all_parameters"):
+        return None
+    cands = selection.get("candidates")
+    if not isinstance(cands, list):
+        raise InputError(f"{source}: candidates: expected a list")
+    names = []
+    for i, c in enumerate(cands):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise InputError(f"{source}: candidates[{i}]: expected an object with a 'name'")
+        if c.get("selected"):
+            names.append(c["name"])
+    if not names:
+        raise InputError(f"{source}: no candidate has \"selected\": true (and all_parameters is not set)")
+    return names
+
+
+def trainable_parameters(model: torch.nn.Module, selection: dict, source: str = "selection") -> dict:
+    """{name: Parameter} to train; tied aliases (e.g. ``lm_head.weight``) resolve to their parameter.
+
+    Raises InputError naming the first selected name that is not a parameter of the model.
+    """
+    canonical = dict(model.named_parameters())
+    names = selection_names(selection, source)
+    if names is None:
+        return canonical
+    alias = {}
+    ident = {id(p): n for n, p in canonical.items()}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        alias[n] = ident[id(p)]
+    out = {}
+    for n in names:
+        if n not in alias:
+            raise InputError(f"{source}: tensor {n!r} is not a parameter of the model")
+        out[alias[n]] = canonical[alias[n]]
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def encode_problems(tokenizer, problems: list[dict], template: str, max_length: int) -> list[tuple[list, list]]:
+    """(input_ids, completion_mask) per problem, via :func:`mast.prompts.problem_pair`."""
+    return [problem_pair(tokenizer, p, template, max_length) for p in problems]
+
+
+def collate(encoded: list[tuple[list, list]], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, completion_mask (all (B, T) int64)."""
+    T = max(len(encoded[i][0]) for i in idx)
+    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(idx), T), dtype=torch.long)
+    cm = torch.zeros((len(idx), T), dtype=torch.long)
+    for r, i in enumerate(idx):
+        x, m = encoded[i]
+        ids[r, : len(x)] = torch.tensor(x)
+        att[r, : len(x)] = 1
+        cm[r, : len(m)] = torch.tensor(m)
+    return {"input_ids": ids, "attention_mask": att, "completion_mask": cm}
+
+
+def index_stream(n: int, generator: torch.Generator) -> Iterator[int]:
+    """Endless stream of indices 0..n-1: one seeded permutation per pass."""
+    while True:
+        yield from torch.randperm(n, generator=generator).tolist()
+
+
+def take(stream: Iterator[int], k: int) -> list[int]:
+    return [next(stream) for _ in range(k)]
+
+
+# --------------------------------------------------------------------------- model pieces
+
+
+def completion_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only where a completion token is predicted: (rows (n, V), targets (n,), mask (B, T−1)).
+
+    Runs the decoder once and the LM head on the masked positions only (the full (B, T, V)
+    logits of a 150k vocabulary are never built).
+    """
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = hidden.last_hidden_state
+    m = batch["completion_mask"][:, 1:].bool()
+    rows = model.get_output_embeddings()(hidden[:, :-1][m])
+    return rows, batch["input_ids"][:, 1:][m], m
+
+
+def batch_logprobs(model, batch: dict[str, torch.Tensor]):
+    """(s, lengths, rows): summed completion log-probs per sequence (float32), lengths, logit rows."""
+    rows, targets, m = completion_logits(model, batch)
+    return sum_by_sequence(token_logprobs(rows, targets), m), m.sum(dim=1), rows
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def stored_dtype(model) -> torch.dtype:
+    """The dtype most parameters are stored in (what the checkpoint was saved as)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide transformers' per-checkpoint "Loading weights" bars (the loop has its own progress bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(model_dir, dtype="auto"):
+    from transformers import AutoModelForCausalLM
+
+    with quiet_loading():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def unlearn(
+    target_dir,
+    selection: dict,
+    forget: list[dict],
+    retain: list[dict] | None,
+    spec: UnlearnSpec,
+    out_dir,
+    template: str = "qwen_boxed",
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> UnlearnResult:
+    """Unlearn `forget` from the target on the selected tensors; write the checkpoint to `out_dir`.
+
+    Raises InputError on bad input (unknown tensor names, empty forget set) and
+    :class:`UnlearnDiverged` when a loss or the gradient norm is not finite (nothing written).
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    if not forget:
+        raise InputError("forget: no problems to unlearn")
+    retain_term = spec.retain if retain else "none"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = device.type == "cuda" and spec.bf16
+    seed_everything(spec.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    model = load_model(target_dir)
+    save_dtype = stored_dtype(model)
+    trainable = trainable_parameters(model, selection)
+    frozen_dtype = save_dtype if (use_amp and save_dtype == torch.bfloat16) else torch.float32
+    model.to(device=device, dtype=frozen_dtype)
+    model.requires_grad_(False)
+    for p in trainable.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    original = {n: p.detach().to("cpu", save_dtype, copy=True) for n, p in trainable.items()}
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+    if use_amp and spec.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    f_enc = encode_problems(tokenizer, forget, template, spec.max_length)
+    r_enc = encode_problems(tokenizer, retain, template, spec.max_length) if retain_term != "none" else []
+
+    # π_ref on the forget texts: computed once, before any update (the model is the target here).
+    ref_logp = None
+    if spec.objective in NEEDS_REFERENCE:
+        model.eval()
+        ref_logp = torch.empty(len(f_enc), dtype=torch.float32)
+        with torch.inference_mode(), amp():
+            for i in range(0, len(f_enc), spec.batch_size):
+                idx = list(range(i, min(i + spec.batch_size, len(f_enc))))
+                s, _, _ = batch_logprobs(model, _to(collate(f_enc, idx, pad_id), device))
+                ref_logp[idx] = s.float().cpu()
+        ref_logp = ref_logp.clone().to(device)
+    ref_model = None
+    if retain_term == "kl":
+        ref_model = load_model(target_dir)
+        ref_model.to(device=device, dtype=torch.bfloat16 if use_amp else torch.float32)
+        ref_model.requires_grad_(False).eval()
+        ref_model.config.use_cache = False
+
+    params = list(trainable.values())
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    warm = spec.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    gen = torch.Generator().manual_seed(spec.seed)
+    f_stream = index_stream(len(f_enc), gen)
+    r_stream = index_stream(len(r_enc), gen) if r_enc else None
+    beta = spec.effective_beta
+    max_norm = spec.max_grad_norm if spec.max_grad_norm is not None else math.inf
+
+    model.train()
+    losses: list[dict] = []
+    bar = tqdm(total=spec.steps, desc="unlearn", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for step in range(1, spec.steps + 1):
+            opt.zero_grad(set_to_none=True)
+            lr_now = opt.param_groups[0]["lr"]
+            acc = {"forget": 0.0, "retain": 0.0, "total": 0.0}
+            for _ in range(spec.grad_accum):
+                idx = take(f_stream, spec.batch_size)
+                with amp():
+                    s, ln, _ = batch_logprobs(model, _to(collate(f_enc, idx, pad_id), device))
+                    lf = forget_loss(spec.objective, s, ln, ref_logp[idx] if ref_logp is not None else None,
+                                     beta, spec.gamma)
+                    lr_term = None
+                    if r_stream is not None:
+                        rb = _to(collate(r_enc, take(r_stream, spec.batch_size), pad_id), device)
+                        if retain_term == "nll":
+                            rs, rln, _ = batch_logprobs(model, rb)
+                            lr_term = nll(rs, rln)
+                        else:
+                            rows, _, _ = completion_logits(model, rb)
+                            with torch.inference_mode():
+                                ref_rows, _, _ = completion_logits(ref_model, rb)
+                            lr_term = kl(rows, ref_rows.clone())
+                    total = lf + spec.alpha * lr_term if lr_term is not None else lf
+                for name, v in (("forget", lf), ("retain", lr_term), ("total", total)):
+                    if v is not None and not _finite(v.detach()):
+                        raise UnlearnDiverged(step, f"{name} loss is {v.item()}")
+                (total / spec.grad_accum).backward()
+                acc["forget"] += lf.item() / spec.grad_accum
+                acc["total"] += total.item() / spec.grad_accum
+                if lr_term is not None:
+                    acc["retain"] += lr_term.item() / spec.grad_accum
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if not _finite(gnorm):
+                raise UnlearnDiverged(step, f"gradient norm is {gnorm.item()}")
+            opt.step()
+            sched.step()
+            row = {"step": step, "forget": acc["forget"], "retain": acc["retain"] if r_stream is not None else None,
+                   "total": acc["total"], "lr": lr_now, "grad_norm": float(gnorm)}
+            losses.append(row)
+            bar.update(1)
+            bar.set_postfix(forget=f"{row['forget']:.4g}", total=f"{row['total']:.4g}")
+    finally:
+        bar.close()
+    for n, p in trainable.items():
+        if not _finite(p.detach()):
+            raise UnlearnDiverged(spec.steps, f"tensor {n} has non-finite values after the update")
+
+    state_bytes = optimizer_state_bytes(opt)
+    del opt, ref_model
+    model.config.use_cache = use_cache
+    if use_amp and spec.gradient_checkpointing:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+    model.requires_grad_(False)
+    model.to(device="cpu", dtype=save_dtype)
+    now = dict(model.named_parameters())
+    changed = {n: now[n].detach().contiguous() for n in trainable if not torch.equal(now[n], original[n])}
+
+    target_fp = fingerprint_model(target_dir)
+    names = selection_names(selection)
+    manifest = {
+        "target": str(target_dir),
+        "target_fingerprint": target_fp,
+        "selection": {
+            "rule": selection.get("rule"),
+            "k": selection.get("k"),
+            "rho": selection.get("rho"),
+            "all_parameters": names is None,
+            "selected": names if names is not None else [],
+            "n_selected": len(trainable),
+            "hash": stable_hash(selection),
+        },
+        "objective": spec.objective,
+        "beta": beta if spec.objective != "ga" else None,
+        "retain_term": retain_term,
+        "spec": spec.model_dump(),
+        "seed": spec.seed,
+        "steps": spec.steps,
+        "template": template,
+        "n_forget": len(forget),
+        "n_retain": len(retain or []) if retain_term != "none" else 0,
+        "final_losses": {k: losses[-1][k] for k in ("forget", "retain", "total")} if losses else {},
+        "trainable_tensors": len(trainable),
+        "trainable_parameters": sum(p.numel() for p in trainable.values()),
+        "optimizer_state_bytes": state_bytes,
+        "changed_tensors": sorted(changed),
+        "delta": {"file": DELTA_FILE, "format": DELTA_FORMAT, "dtype": str(save_dtype).removeprefix("torch.")},
+        "device": str(device),
+        "bf16_autocast": use_amp,
+        "gradient_checkpointing": bool(use_amp and spec.gradient_checkpointing),
+        "versions": _versions(),
+        "seconds": None,
+    }
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp, quiet_loading():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(changed, str(tmp / DELTA_FILE),
+                  metadata={"format": "pt", "mast_delta": DELTA_FORMAT, "target_fingerprint": target_fp})
+        write_jsonl(tmp / LOSSES_FILE, losses)
+        manifest["seconds"] = round(time.time() - t0, 3)
+        write_json(tmp / MANIFEST_FILE, manifest)
+    return UnlearnResult(out_dir=out_dir, losses=losses, manifest=manifest)
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+# --------------------------------------------------------------------------- delta checkpoints
+
+
+def apply_delta(target_dir, delta_path, out_dir=None, check: bool = True):
+    """The target with the delta's tensors put in: bit-for-bit the weights `unlearn` saved.
+
+    `delta.safetensors` holds the new values of the changed tensors (format ``mast-delta-v1/replace``).
+    With `check`, the target must be the one the delta was made from (fingerprint). With
+    `out_dir`, the rebuilt checkpoint (and tokenizer) is also saved there, atomically.
+    """
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    delta_path = Path(delta_path)
+    if not delta_path.is_file():
+        raise InputError(f"{delta_path}: file not found")
+    model = load_model(target_dir)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with safe_open(str(delta_path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("mast_delta") != DELTA_FORMAT:
+            raise InputError(f"{delta_path}: not a {DELTA_FORMAT} delta")
+        if check and meta.get("target_fingerprint") != fingerprint_model(target_dir):
+            raise InputError(f"{delta_path}: made from target {meta.get('target_fingerprint')}, "
+                             f"not {target_dir} ({fingerprint_model(target_dir)})")
+        with torch.no_grad():
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if name not in params:
+                    raise InputError(f"{delta_path}: tensor {name!r} is not a parameter of {target_dir}")
+                t = f.get_tensor(name)
+                if t.shape != params[name].shape:
+                    raise InputError(f"{delta_path}: {name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")
+                params[name].data = t.to(params[name].dtype)
+    if out_dir is not None:
+        with atomic_dir(out_dir) as tmp, quiet_loading():
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(target_dir).save_pretrained(tmp)
+    return model
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _spec_from_args(args) -> UnlearnSpec:
+    base: dict = {}
+    source = "command line"
+    if getattr(args, "spec", None):
+        base = load_yaml(args.spec, UnlearnSpec).model_dump(exclude_unset=True)
+        source = f"{args.spec} (with command-line flags)"
+    overrides = {k: getattr(args, k) for k in ("objective", "steps", "lr", "seed") if getattr(args, k, None) is not None}
+    return validate(UnlearnSpec, {**base, **overrides}, source)
+
+
+def cli_unlearn(args) -> int:
+    """`mast unlearn`: read the selection and problem files, run :func:`unlearn`, print a summary."""
+    spec = _spec_from_args(args)
+    if not Path(args.target).is_dir():
+        raise InputError(f"{args.target}: not a checkpoint folder")
+    selection = read_json(args.selection)
+    selection_names(selection, args.selection)
+    forget = read_jsonl(args.forget, PROBLEM_FIELDS)
+    if not forget:
+        raise InputError(f"{args.forget}: no problems")
+    retain = read_jsonl(args.retain, PROBLEM_FIELDS) if args.retain else None
+    try:
+        res = unlearn(args.target, selection, forget, retain, spec, args.out)
+    except InputError as e:
+        msg = str(e)
+        raise InputError(args.selection + msg[len("selection"):] if msg.startswith("selection:") else msg) from None
+    except UnlearnDiverged as e:
+        print(f"mast unlearn: {e} (nothing written to {args.out})", file=sys.stderr)
+        return 1
+    m = res.manifest
+    fl = m["final_losses"]
+    retain_txt = f", retain {fl['retain']:.4f}" if fl.get("retain") is not None else ""
+    print(
+        f"unlearned {m['n_forget']} forget texts with {m['objective']} for {m['steps']} steps "
+        f"on {m['trainable_tensors']} tensors ({m['trainable_parameters']:,} parameters, "
+        f"optimizer state {m['optimizer_state_bytes'] / 2**20:.1f} MiB); "
+        f"final forget {fl['forget']:.4f}{retain_txt}, total {fl['total']:.4f}; "
+        f"{len(m['changed_tensors'])} tensors changed -> {res.out_dir}"
+    )
+    return 0
+
