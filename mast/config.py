@@ -58,6 +58,8 @@ class SuiteSpec(Spec):
 
     `benchmark` names a loader (`math`, `math500`, `gsm8k`) or `jsonl` for a problem file
     (`path`, relative to the suite file). `grader` picks answer extraction / equivalence.
+    `split_role` (`forget` | `retain`) marks a suite that scores a sweep's own split: the sweep
+    passes those problems (`evaluate(problems=...)`), so `path` is only needed standalone.
     """
 
     name: str
@@ -69,10 +71,13 @@ class SuiteSpec(Spec):
     decoding: DecodingSpec = Field(default_factory=DecodingSpec)
     limit: int | None = Field(None, gt=0)
     probe: Literal["prefix_recovery"] | ProbeSpec | None = None
+    split_role: Literal["forget", "retain"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SuiteSpec:
-        if self.benchmark == "jsonl" and not self.path:
+        if self.split_role and self.benchmark != "jsonl":
+            raise ValueError("split_role needs benchmark 'jsonl' (the sweep supplies the split's problems)")
+        if self.benchmark == "jsonl" and not self.path and not self.split_role:
             raise ValueError("benchmark 'jsonl' needs a 'path' to a problem file")
         if self.grader is None:
             self.grader = "gsm8k" if self.benchmark == "gsm8k" else "math"

@@ -152,16 +152,20 @@ def test_grading_from_a_thread_honours_timeout():
 
 def test_grade_cli(tmp_path):
     src = tmp_path / "in.jsonl"
-    rows = _rows(TABLE[:6] + TABLE[-5:-3])
+    cases = TABLE[:6] + [TABLE[-6], TABLE[-8]]
+    rows = _rows(cases)
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dst = tmp_path / "out.jsonl"
     p = subprocess.run([sys.executable, "-m", "mast.cli", "grade", str(src), "--out", str(dst), "--timeout", "2"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     out = [json.loads(line) for line in dst.read_text().splitlines()]
-    expected = [t[3] for t in TABLE[:6] + TABLE[-5:-3]]
+    expected = [t[3] for t in cases]
     assert [r["correct"] for r in out] == expected
     assert f"accuracy {sum(expected)}/8" in p.stderr
+    # no --out: rows on stdout (exact matches and missing answers need no worker)
+    src.write_text(json.dumps({"id": "a", "benchmark": "gsm8k", "gold": "3", "response": "#### 3"}) + "\n\n"
+                   + json.dumps({"id": "b", "benchmark": "math", "gold": "3", "response": ""}) + "\n")
     p = subprocess.run([sys.executable, "-m", "mast.cli", "grade", str(src)], capture_output=True, text=True,
                        timeout=120)
-    assert p.returncode == 0 and len(p.stdout.splitlines()) == len(rows)
+    assert p.returncode == 0 and [json.loads(x)["correct"] for x in p.stdout.splitlines()] == [True, False]
