@@ -233,6 +233,84 @@ def _finite(x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- the loop
 
 
+def prepare_model(model, trainable: dict, device, use_amp: bool, gradient_checkpointing: bool) -> None:
+    """Freeze everything but `trainable`; trainable tensors become float32 masters with requires_grad.
+
+    Frozen tensors stay in bf16 when the checkpoint is bf16 and autocast is on, else float32
+    (a bf16/fp16 -> fp32 -> bf16/fp16 round trip is exact, so frozen bits survive the save).
+    """
+    stored = stored_dtype(model)
+    model.to(device=device, dtype=stored if (use_amp and stored == torch.bfloat16) else torch.float32)
+    model.requires_grad_(False)
+    for p in trainable.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    model.config.use_cache = False
+    if use_amp and gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    model.train()
+
+
+def make_optimizer(params: list, spec: UnlearnSpec):
+    """AdamW over `params` only, and a linear-warmup-then-constant learning-rate schedule."""
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    warm = spec.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    return opt, sched
+
+
+def autocast_for(use_amp: bool):
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+
+
+def train_step(model, opt, sched, params: list, spec: UnlearnSpec, micro_batches: list, step: int,
+               retain_term: str = "none", ref_model=None, use_amp: bool = False) -> dict:
+    """One optimiser step over `micro_batches` = [(forget_batch, ref_logp or None, retain_batch or None)].
+
+    total = L_f + α L_r per micro-batch, gradients averaged over the micro-batches, clipped to
+    `spec.max_grad_norm`; raises UnlearnDiverged when a loss or the gradient norm is not finite.
+    Returns the step's row {"step", "forget", "retain", "total", "lr", "grad_norm"}.
+    """
+    amp = autocast_for(use_amp)
+    n = len(micro_batches)
+    opt.zero_grad(set_to_none=True)
+    lr_now = opt.param_groups[0]["lr"]
+    acc = {"forget": 0.0, "retain": 0.0, "total": 0.0}
+    has_retain = False
+    for fb, ref_logp, rb in micro_batches:
+        with amp():
+            s, ln, _ = batch_logprobs(model, fb)
+            lf = forget_loss(spec.objective, s, ln, ref_logp, spec.effective_beta, spec.gamma)
+            lr_term = None
+            if rb is not None and retain_term == "nll":
+                rs, rln, _ = batch_logprobs(model, rb)
+                lr_term = nll(rs, rln)
+            elif rb is not None and retain_term == "kl":
+                rows, _, _ = completion_logits(model, rb)
+                with torch.inference_mode():
+                    ref_rows, _, _ = completion_logits(ref_model, rb)
+                lr_term = kl(rows, ref_rows.clone())
+            total = lf + spec.alpha * lr_term if lr_term is not None else lf
+        for name, v in (("forget", lf), ("retain", lr_term), ("total", total)):
+            if v is not None and not _finite(v.detach()):
+                raise UnlearnDiverged(step, f"{name} loss is {v.item()}")
+        (total / n).backward()
+        acc["forget"] += lf.item() / n
+        acc["total"] += total.item() / n
+        if lr_term is not None:
+            has_retain = True
+            acc["retain"] += lr_term.item() / n
+    max_norm = spec.max_grad_norm if spec.max_grad_norm is not None else math.inf
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not _finite(gnorm):
+        raise UnlearnDiverged(step, f"gradient norm is {gnorm.item()}")
+    opt.step()
+    sched.step()
+    return {"step": step, "forget": acc["forget"], "retain": acc["retain"] if has_retain else None,
+            "total": acc["total"], "lr": lr_now, "grad_norm": float(gnorm)}
+
+
 def unlearn(
     target_dir,
     selection: dict,
@@ -265,19 +343,10 @@ def unlearn(
     model = load_model(target_dir)
     save_dtype = stored_dtype(model)
     trainable = trainable_parameters(model, selection)
-    frozen_dtype = save_dtype if (use_amp and save_dtype == torch.bfloat16) else torch.float32
-    model.to(device=device, dtype=frozen_dtype)
-    model.requires_grad_(False)
-    for p in trainable.values():
-        p.data = p.data.float()
-        p.requires_grad_(True)
     original = {n: p.detach().to("cpu", save_dtype, copy=True) for n, p in trainable.items()}
     use_cache = model.config.use_cache
-    model.config.use_cache = False
-    if use_amp and spec.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    prepare_model(model, trainable, device, use_amp, spec.gradient_checkpointing)
+    amp = autocast_for(use_amp)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     f_enc = encode_problems(tokenizer, forget, template, spec.max_length)
@@ -302,56 +371,23 @@ def unlearn(
         ref_model.config.use_cache = False
 
     params = list(trainable.values())
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    warm = spec.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    opt, sched = make_optimizer(params, spec)
     gen = torch.Generator().manual_seed(spec.seed)
     f_stream = index_stream(len(f_enc), gen)
     r_stream = index_stream(len(r_enc), gen) if r_enc else None
-    beta = spec.effective_beta
-    max_norm = spec.max_grad_norm if spec.max_grad_norm is not None else math.inf
 
     model.train()
     losses: list[dict] = []
     bar = tqdm(total=spec.steps, desc="unlearn", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for step in range(1, spec.steps + 1):
-            opt.zero_grad(set_to_none=True)
-            lr_now = opt.param_groups[0]["lr"]
-            acc = {"forget": 0.0, "retain": 0.0, "total": 0.0}
+            micro = []
             for _ in range(spec.grad_accum):
                 idx = take(f_stream, spec.batch_size)
-                with amp():
-                    s, ln, _ = batch_logprobs(model, _to(collate(f_enc, idx, pad_id), device))
-                    lf = forget_loss(spec.objective, s, ln, ref_logp[idx] if ref_logp is not None else None,
-                                     beta, spec.gamma)
-                    lr_term = None
-                    if r_stream is not None:
-                        rb = _to(collate(r_enc, take(r_stream, spec.batch_size), pad_id), device)
-                        if retain_term == "nll":
-                            rs, rln, _ = batch_logprobs(model, rb)
-                            lr_term = nll(rs, rln)
-                        else:
-                            rows, _, _ = completion_logits(model, rb)
-                            with torch.inference_mode():
-                                ref_rows, _, _ = completion_logits(ref_model, rb)
-                            lr_term = kl(rows, ref_rows.clone())
-                    total = lf + spec.alpha * lr_term if lr_term is not None else lf
-                for name, v in (("forget", lf), ("retain", lr_term), ("total", total)):
-                    if v is not None and not _finite(v.detach()):
-                        raise UnlearnDiverged(step, f"{name} loss is {v.item()}")
-                (total / spec.grad_accum).backward()
-                acc["forget"] += lf.item() / spec.grad_accum
-                acc["total"] += total.item() / spec.grad_accum
-                if lr_term is not None:
-                    acc["retain"] += lr_term.item() / spec.grad_accum
-            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if not _finite(gnorm):
-                raise UnlearnDiverged(step, f"gradient norm is {gnorm.item()}")
-            opt.step()
-            sched.step()
-            row = {"step": step, "forget": acc["forget"], "retain": acc["retain"] if r_stream is not None else None,
-                   "total": acc["total"], "lr": lr_now, "grad_norm": float(gnorm)}
+                fb = _to(collate(f_enc, idx, pad_id), device)
+                rb = _to(collate(r_enc, take(r_stream, spec.batch_size), pad_id), device) if r_stream else None
+                micro.append((fb, ref_logp[idx] if ref_logp is not None else None, rb))
+            row = train_step(model, opt, sched, params, spec, micro, step, retain_term, ref_model, use_amp)
             losses.append(row)
             bar.update(1)
             bar.set_postfix(forget=f"{row['forget']:.4g}", total=f"{row['total']:.4g}")
@@ -364,6 +400,7 @@ def unlearn(
     state_bytes = optimizer_state_bytes(opt)
     del opt, ref_model
     model.config.use_cache = use_cache
+    model.eval()
     if use_amp and spec.gradient_checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
@@ -387,7 +424,7 @@ def unlearn(
             "hash": stable_hash(selection),
         },
         "objective": spec.objective,
-        "beta": beta if spec.objective != "ga" else None,
+        "beta": spec.effective_beta if spec.objective != "ga" else None,
         "retain_term": retain_term,
         "spec": spec.model_dump(),
         "seed": spec.seed,

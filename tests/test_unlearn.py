@@ -226,3 +226,20 @@ def test_gpu_bf16_checkpointing_masked_and_deterministic(tiny_model, problems, t
         assert torch.equal(before[n], wa[n]) == (n not in SELECTED), n
         assert wa[n].dtype == before[n].dtype
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_checkpoint_keeps_frozen_bits_and_dtype(tiny_model, problems, tmp_path):
+    from transformers import AutoTokenizer
+
+    bf16 = tmp_path / "bf16"
+    load_model(tiny_model).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(bf16)
+    res = unlearn(bf16, _selection(), problems, None, _spec(objective="ga", steps=2, lr=1e-2), tmp_path / "o",
+                  progress=False)
+    before, after = _weights(bf16), _weights(res.out_dir)
+    for n in before:
+        assert after[n].dtype == torch.bfloat16
+        assert torch.equal(before[n], after[n]) == (n not in SELECTED), n
+    model = apply_delta(bf16, res.out_dir / DELTA_FILE)
+    assert all(torch.equal(model.state_dict()[n], after[n]) for n in after)
