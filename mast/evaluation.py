@@ -158,6 +158,7 @@ class HFBackend:
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device)
         self.model.eval()
         self.eos_ids = stop_token_ids(self.tokenizer, self.model_dir)
+        self._eos = set(self.eos_ids)
         self.progress = progress
 
     def _generation_config(self, decoding: DecodingSpec):
@@ -225,7 +226,7 @@ class HFBackend:
     def _strip(self, tokens: list[int]) -> list[int]:
         """Generated ids up to (not including) the first eos; padding after it dropped."""
         for j, t in enumerate(tokens):
-            if t in self.eos_ids:
+            if t in self._eos:
                 return tokens[:j]
         return tokens
 
@@ -290,8 +291,11 @@ class VLLMBackend:
         with tempfile.TemporaryDirectory(prefix="mast-vllm-") as tmp:
             inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
             inp.write_text(json.dumps(job), encoding="utf-8")
+            env = dict(os.environ)  # the worker must import this very `mast` (also from a Ray worker)
+            pkg_root = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
             proc = subprocess.run([sys.executable, "-m", "mast.vllm_worker", str(inp), str(outp)],
-                                  timeout=self.timeout_s, check=False)
+                                  timeout=self.timeout_s, check=False, env=env)
             if proc.returncode != 0 or not outp.is_file():
                 raise RuntimeError(f"vLLM worker failed (exit {proc.returncode}) on {self.model_dir}")
             texts = json.loads(outp.read_text(encoding="utf-8"))

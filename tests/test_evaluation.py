@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from mast.evaluation import (
     solution_prefix,
     truncate_at_stop,
 )
-from mast.files import InputError
+from mast.files import InputError, read_jsonl
 from mast.prompts import format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,3 +275,64 @@ def test_cli_eval_writes_results_probe_and_hits_cache(tiny_model, problems, tmp_
     assert main(["eval", "--model", str(tmp_path / "nope"), "--suite", str(suite), "--out", str(out)]) == 2
     assert main(["eval", "--model", str(tiny_model), "--suite", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- toy (slow) and vLLM (gpu)
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """A finished toy build: $MAST_TOY if it is one, else built here (minutes on a CPU)."""
+    from mast.toy import build_toy, is_finished
+
+    env = os.environ.get("MAST_TOY")
+    if env and is_finished(env, json.loads((Path(env) / "toy_summary.json").read_text())["seed"]):
+        return Path(env)
+    out = tmp_path_factory.mktemp("toy") / "toy"
+    build_toy(out, seed=0)
+    return out
+
+
+@pytest.mark.slow
+def test_cli_eval_reproduces_toy_summary_and_caches(toy_dir, tmp_path, capsys):
+    from mast.cli import main
+
+    summary = json.loads((toy_dir / "toy_summary.json").read_text())
+    out = tmp_path / "RESULTS.jsonl"
+    argv = ["eval", "--model", str(toy_dir / "rlvr"), "--suite", str(toy_dir / "suites" / "forget.yaml"),
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    t0 = time.perf_counter()
+    assert main(argv) == 0
+    t_first = time.perf_counter() - t0
+    first = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    n = len(read_jsonl(toy_dir / "data" / "forget_eval.jsonl"))
+    assert len(rows) == n
+    assert all(set(r) >= {"id", "correct", "response", "extracted", "prompt_sha", "prompt_tokens",
+                          "response_tokens"} for r in rows)
+    acc = sum(r["correct"] for r in rows) / n
+    assert acc == pytest.approx(summary["rlvr"]["forget"])
+    assert "cache: miss" in first
+    t0 = time.perf_counter()
+    assert main(argv) == 0
+    t_second = time.perf_counter() - t0
+    assert "cache: hit" in capsys.readouterr().out
+    assert t_second < t_first / 3
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+
+
+@pytest.mark.gpu
+def test_vllm_matches_hf_greedy(toy_dir, tmp_path):
+    """vLLM (own process) and the hf backend give the same greedy answers on the toy RLVR model."""
+    from mast.config import load_suite
+
+    suite = load_suite(toy_dir / "suites" / "forget.yaml")
+    suite.limit = 40
+    hf = evaluate(toy_dir / "rlvr", suite, backend="hf", use_cache=False)  # bf16 on cuda
+    vl = evaluate(toy_dir / "rlvr", suite, backend="vllm", use_cache=False,
+                  backend_options={"gpu_memory_utilization": 0.3, "dtype": "bfloat16", "enforce_eager": True})
+    assert [r["id"] for r in vl.records] == [r["id"] for r in hf.records]
+    assert [r["extracted"] for r in vl.records] == [r["extracted"] for r in hf.records]
+    same = sum(a["response"] == b["response"] for a, b in zip(vl.records, hf.records))
+    assert same >= 0.9 * len(hf.records)
+    assert vl.accuracy == hf.accuracy
