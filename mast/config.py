@@ -182,6 +182,9 @@ class DataSpec(Spec):
     levels: list[int] | None = None
     subjects: list[str] | None = None
     require_target_correct: bool = False
+    # MATH only: unlearning's retain texts are a third disjoint draw, so the `retain` suite is
+    # scored on problems the retain loss never saw (0 = no retain texts: retain term off)
+    retain_train_size: int = Field(150, ge=0)
 
 
 class EvaluationSpec(Spec):
@@ -195,6 +198,19 @@ class EvaluationSpec(Spec):
     decoding: DecodingSpec | None = None
     n_bootstrap: int = Field(2000, gt=0)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    # prompt template for the sweep's own splits, selection's and unlearning's texts; when set it
+    # also overrides every suite's template (a model family needs one prompt format throughout)
+    template: Literal["qwen_boxed", "boxed_user", "plain"] | None = None
+    limits: dict[str, int] = Field(default_factory=dict, description="suite -> first N problems (quick runs)")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + max_tokens)")
+
+    @field_validator("limits")
+    @classmethod
+    def _positive_limits(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, n in v.items() if n <= 0]
+        if bad:
+            raise ValueError(f"limits must be > 0 (suite {bad[0]!r})")
+        return v
 
 
 class ResourcesSpec(Spec):
@@ -210,9 +226,17 @@ class TrackingSpec(Spec):
 
 
 class SchedulerSpec(Spec):
+    """FIFO for confirmatory grids (early stopping would bias the tests); ASHA for exploration.
+
+    With ASHA a trial reports after each suite (forget first), so a rung is "suites scored":
+    trials whose `metric` is poor after the first suite are stopped before the costly ones.
+    """
+
     kind: Literal["fifo", "asha"] = "fifo"
     metric: str = "forget/delta"
     mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: float = Field(2.0, gt=1.0)
 
 
 class SweepSpec(Spec):
@@ -229,6 +253,8 @@ class SweepSpec(Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    keep_checkpoints: bool = Field(False, description="keep each trial's unlearned checkpoint (disk!)")
+    storage_path: str | None = Field(None, description="Ray Tune storage (default <sweep>/tune; s3://... ok)")
 
     @field_validator("grid")
     @classmethod
