@@ -109,7 +109,7 @@ def _hub(name: str, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a core dependency
-        raise InputError(f"loading {name} from the Hub needs the 'datasets' package ({e}); or pass a data dir")
+        raise InputError(f"loading {name} from the Hub needs the 'datasets' package ({e}); or pass a data dir") from None
     repo, config = _HUB[name]
 
     def load(cfg):

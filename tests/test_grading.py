@@ -169,3 +169,37 @@ def test_grade_cli(tmp_path):
     p = subprocess.run([sys.executable, "-m", "mast.cli", "grade", str(src)], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and [json.loads(x)["correct"] for x in p.stdout.splitlines()] == [True, False]
+
+
+def _gold_rows(data_dir):
+    from mast.data import load_benchmark
+
+    m500 = load_benchmark("math500", data_dir=data_dir)
+    math_rows = [{"id": p["id"], "benchmark": "math", "gold": p["answer"], "response": p["solution"]} for p in m500]
+    # GSM8K: the original reference text, reasoning then '#### <number>'
+    raw = [json.loads(line) for line in (data_dir / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    gsm = load_benchmark("gsm8k", data_dir=data_dir)
+    gsm_rows = [{"id": p["id"], "benchmark": "gsm8k", "gold": p["answer"], "response": r["answer"]}
+                for p, r in zip(gsm, raw)]
+    return math_rows, gsm_rows
+
+
+def _check_gold(math_rows, gsm_rows, fast_path):
+    out = grade_records(math_rows, fast_path=fast_path)
+    assert len(out) == 500
+    assert sum(r["correct"] for r in out) >= 499, [(r["id"], r["gold"], r["extracted"]) for r in out
+                                                   if not r["correct"]]
+    out = grade_records(gsm_rows, fast_path=fast_path)
+    assert sum(r["correct"] for r in out) == 1319 == len(out), [(r["id"], r["gold"], r["extracted"]) for r in out
+                                                                if not r["correct"]]
+
+
+def test_gold_self_grading(data_dir):
+    """Reference solutions graded against their own gold answers: MATH-500 >= 499/500, GSM8K 1319/1319."""
+    _check_gold(*_gold_rows(data_dir), fast_path=True)
+
+
+@pytest.mark.slow
+def test_gold_self_grading_every_answer_through_math_verify(data_dir):
+    """The same, with no exact-string shortcut: every answer is parsed and verified by math-verify."""
+    _check_gold(*_gold_rows(data_dir), fast_path=False)
