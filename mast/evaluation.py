@@ -333,6 +333,9 @@ def make_backend(name: str, model_dir: str | os.PathLike, batch_size: int | None
 def load_suite_problems(suite: SuiteSpec, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """The suite's problems in file order; `limit` keeps the first N (deterministic)."""
     if suite.benchmark == "jsonl":
+        if not suite.path:
+            raise InputError(f"suite {suite.name}: no 'path' to a problem file (a split_role suite gets its "
+                             "problems from the sweep; to run it standalone add path: <problems.jsonl>)")
         problems = read_jsonl(suite.path, required=("id", "prompt", "answer"))
     else:
         from mast.data import load_benchmark

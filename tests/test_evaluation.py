@@ -197,6 +197,8 @@ def test_evaluate_suite_file_limit_and_bad_input(tiny_model, problems, tmp_path)
         evaluate(tmp_path / "missing", suite, cache_dir=tmp_path / "c")
     with pytest.raises(InputError, match="duplicate problem id"):
         evaluate(tiny_model, suite, problems=[problems[0], problems[0]], cache_dir=tmp_path / "c")
+    with pytest.raises(InputError, match="no 'path'"):
+        evaluate(tiny_model, SuiteSpec(name="f", benchmark="jsonl", split_role="forget"), cache_dir=tmp_path / "c")
     with pytest.raises(InputError, match="unknown backend"):
         evaluate(tiny_model, suite, backend="nope", cache_dir=tmp_path / "c")
 
