@@ -285,7 +285,7 @@ def mcnemar_test(before: Sequence[dict], after: Sequence[dict], n_bootstrap: int
     return mcnemar_from_counts(*mcnemar_counts(b, a), n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
 
 
-def _cond_key(config: dict) -> tuple:
+def condition_key(config: dict) -> tuple:
     """Condition = the config without the seed; k dropped for rules that ignore it."""
     cfg = {k: v for k, v in config.items() if k != "seed"}
     if cfg.get("rule") in K_FREE_RULES:
@@ -304,7 +304,7 @@ def condition_label(config: dict) -> str:
     return "/".join(parts + extra)
 
 
-def _condition_config(config: dict) -> dict:
+def condition_config(config: dict) -> dict:
     cfg = {k: v for k, v in config.items() if k != "seed"}
     if cfg.get("rule") in K_FREE_RULES:
         cfg.pop("k", None)
@@ -314,7 +314,7 @@ def _condition_config(config: dict) -> dict:
 def _baseline_key(config: dict, baseline: str) -> tuple:
     cfg = dict(config)
     cfg["rule"] = baseline
-    return _cond_key(cfg)
+    return condition_key(cfg)
 
 
 def suites_of(trials: Sequence[dict]) -> list[str]:
@@ -392,7 +392,7 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
             m = t["suites"][s]
             if not isinstance(m, dict) or not isinstance(m.get("delta"), (int, float)):
                 raise InputError(f"trials: {t.get('trial_id')}: suites.{s}.delta missing or not a number")
-            key = _cond_key(t["config"])
+            key = condition_key(t["config"])
             seed = t["config"]["seed"]
             slot = by_cond.setdefault(key, {})
             if seed in slot and t["config"].get("rule") in K_FREE_RULES:
@@ -403,7 +403,7 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
                 raise InputError(f"trials: {t.get('trial_id')} and {slot[seed][1]}: same condition "
                                  f"{condition_label(t['config'])} and seed {seed} (suite {s})")
             slot[seed] = (float(m["delta"]), t.get("trial_id"), m)
-            cfg_of[key] = _condition_config(t["config"])
+            cfg_of[key] = condition_config(t["config"])
         order = sorted(by_cond, key=lambda k: _sort_key(cfg_of[k]))
         for key in order:
             seeds = sorted(by_cond[key], key=_seed_sort)
@@ -490,7 +490,7 @@ def _seed_sort(s) -> tuple:
 
 def _sort_key(cfg: dict) -> tuple:
     k = cfg.get("k")
-    return (_order(cfg.get("rule"), _RULE_ORDER), _order(cfg.get("objective"), _OBJ_ORDER),
+    return (_order(cfg.get("objective"), _OBJ_ORDER), _order(cfg.get("rule"), _RULE_ORDER),
             (0, k) if isinstance(k, (int, float)) else (1, 0),
             json.dumps({x: v for x, v in cfg.items() if x not in ("rule", "objective", "k")}, sort_keys=True))
 

@@ -59,8 +59,33 @@ RATES = {
 }
 
 
+def _candidates(n_layers=8):
+    """A selection's candidate list with signals; later layers' q/v moved most (as RLVR tends to)."""
+    rng = np.random.default_rng(11)
+    out = []
+    for layer in range(n_layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            bump = (layer / n_layers) * (1.0 if proj in ("q_proj", "v_proj") else 0.4)
+            out.append({"name": f"model.layers.{layer}.self_attn.{proj}.weight", "shape": [64, 64],
+                        "update_magnitude": float(0.01 + 0.02 * bump + 0.003 * rng.random()),
+                        "off_principal_energy": float(0.6 + 0.3 * bump + 0.05 * rng.random()),
+                        "coupling": float(0.1 * bump + 0.02 * rng.random()),
+                        "coupling_cosine": float(0.05 * rng.random())})
+    for key in ("update_magnitude", "off_principal_energy", "coupling"):
+        ranks = st.rankdata([c[key] for c in out]) / len(out)
+        for c, r in zip(out, ranks):
+            c.setdefault("_pct", []).append(float(r))
+    for c in out:
+        c["score"] = float(np.mean(c.pop("_pct")))
+    return out
+
+
+CANDIDATES = _candidates()
+
+
 def make_trials(n_seeds=3, ks=(2, 4), objectives=("npo", "ga"), rules=("mast", "full", "random"),
-                suites=(("forget", 150, 0.3), ("retain", 150, 0.6), ("gsm8k", 120, 0.7)), with_failed=True):
+                suites=(("forget", 150, 0.3), ("retain", 150, 0.6), ("gsm8k", 120, 0.7)), with_failed=True,
+                with_probe=False):
     """trials.jsonl rows whose suite dicts are real mcnemar_test outputs on simulated per-problem records.
 
     Returns (trials, baselines, per_trial_records) so callers can write a sweep folder.
@@ -86,10 +111,24 @@ def make_trials(n_seeds=3, ks=(2, 4), objectives=("npo", "ga"), rules=("mast", "
                         after = simulate_after(base, p, 0.02, rng)
                         recs[name] = after
                         row_suites[name] = stats.mcnemar_test(base, after, n_bootstrap=500, seed=seed)
-                    selected = [f"model.layers.{(seed + j) % 4}.self_attn.{'qkvo'[j % 4]}_proj.weight"
-                                for j in range(cfg["k"])]
+                    names = [c["name"] for c in CANDIDATES]
+                    if rule == "full":
+                        selected = names
+                    elif rule == "mast":
+                        selected = [c["name"] for c in sorted(CANDIDATES, key=lambda c: -c["score"])[:cfg["k"]]]
+                    else:
+                        selected = [names[i] for i in rng.choice(len(names), cfg["k"], replace=False)]
+                    probe = None
+                    if with_probe:  # prefix recovery on the forget problems: more prefix, more recovered
+                        fr = [0.0, 0.25, 0.5, 0.75]
+                        base_acc = sum(r["correct"] for r in baselines["forget"]) / len(baselines["forget"])
+                        after_acc = row_suites["forget"]["acc_after"]
+                        probe = {"fractions": fr,
+                                 "before": [min(1.0, base_acc + 0.5 * f * (1 - base_acc)) for f in fr],
+                                 "after": [min(1.0, after_acc + (0.9 if rule == "random" else 0.4) * f
+                                               * (base_acc - after_acc) + 0.3 * f * (1 - base_acc)) for f in fr]}
                     trials.append({"trial_id": tid, "status": "ok", "error": None, "config": cfg,
-                                   "suites": row_suites, "probe": None, "selected": selected,
+                                   "suites": row_suites, "probe": probe, "selected": selected,
                                    "mlflow_run_id": None})
                     records[tid] = recs
     if with_failed:
