@@ -48,11 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", required=True, metavar="DIR", help="the SFT checkpoint")
     s.add_argument("--target", required=True, metavar="DIR", help="the RLVR checkpoint")
     s.add_argument("--forget", required=True, metavar="JSONL", help="forget problems (for the coupling signal)")
-    s.add_argument("--rule", default="mast")
-    s.add_argument("--k", type=int, default=8)
-    s.add_argument("--rho", type=float, default=0.05)
-    s.add_argument("--seed", type=int, default=0)
+    # defaults None: unset flags leave the --spec file's (or SelectionSpec's) values alone (mast, 8, 0.05, 0)
+    s.add_argument("--rule", help="mast|off_principal|magnitude|coupling|random|attention|full (default mast)")
+    s.add_argument("--k", type=int, help="tensors to select (default 8; ignored by attention/full)")
+    s.add_argument("--rho", type=float, help="principal-subspace fraction, r = ceil(rho*min(m,n)) (default 0.05)")
+    s.add_argument("--seed", type=int, help="seed of the random rule (default 0)")
     s.add_argument("--spec", metavar="YAML", help="a selection spec (weights, candidates); flags override it")
+    s.add_argument("--template", choices=["qwen_boxed", "boxed_user", "plain"], default="qwen_boxed",
+                   help="prompt template of the forget texts (coupling signal)")
+    s.add_argument("--method", choices=["fast", "exact"], default="fast",
+                   help="top-r subspace: Gram eigenproblem + Rayleigh-Ritz (fast) or full SVD (exact)")
     s.add_argument("--cache-dir", metavar="DIR")
     s.add_argument("--out", required=True, metavar="SELECTION.json")
 
@@ -62,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, metavar="DIR")
     s.add_argument("--forget", required=True, metavar="JSONL")
     s.add_argument("--rho", type=float, default=0.05)
+    s.add_argument("--threshold", type=float, default=0.1, help="|Δlog-prob| (nats) above which a token counts as moved")
+    s.add_argument("--template", choices=["qwen_boxed", "boxed_user", "plain"], default="qwen_boxed")
+    s.add_argument("--max-length", type=int, default=1024)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--cache-dir", metavar="DIR")
     s.add_argument("--out", default="diagnostics", metavar="DIR")
 
     s = sub.add_parser("unlearn", help="update only the selected tensors with an unlearning objective")
