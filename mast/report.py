@@ -292,8 +292,14 @@ def plot_tradeoff(trials: list[dict], suites: list[str], out: Path) -> Path | No
     rules = _ordered([t["config"]["rule"] for t in ok], stats._RULE_ORDER)
     objs = _ordered([t["config"].get("objective") for t in ok], stats._OBJ_ORDER)
     colors, markers = _style(rules, objs)
-    fig = _figure(4.6 * len(others) + 1.8, 4.4)
-    axes = fig.subplots(1, len(others), squeeze=False)[0]
+    ncol = min(len(others), 3)
+    nrow = math.ceil(len(others) / ncol)
+    fig = _figure(4.6 * ncol + 1.8, 4.2 * nrow + 0.3)
+    grid = fig.subplots(nrow, ncol, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(others):]:
+        ax.set_visible(False)
+    axes = axes[:len(others)]
     for ax, s in zip(axes, others):
         pts, meta = [], []
         for t in ok:
@@ -319,10 +325,11 @@ def plot_tradeoff(trials: list[dict], suites: list[str], out: Path) -> Path | No
     h_rule = [Line2D([], [], color=colors[r], marker="o", ls="", label=r) for r in rules]
     h_obj = [Line2D([], [], color="#444", marker=markers[o], ls="", label=str(o)) for o in objs]
     h_front = [Line2D([], [], color="black", ls="--", marker="o", mfc="none", label="Pareto front")]
-    leg1 = axes[-1].legend(handles=h_rule, title="rule", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    axes[-1].add_artist(leg1)
-    axes[-1].legend(handles=h_obj + h_front, title="objective", loc="lower left", bbox_to_anchor=(1.02, 0.0),
-                    frameon=False)
+    anchor = axes[ncol - 1]  # right-most axes of the first row
+    leg1 = anchor.legend(handles=h_rule, title="rule", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    anchor.add_artist(leg1)
+    anchor.legend(handles=h_obj + h_front, title="objective", loc="lower left", bbox_to_anchor=(1.02, 0.0),
+                  frameon=False)
     fig.suptitle("Forgetting vs retention, one point per trial")
     fig.savefig(out)
     return out
@@ -450,7 +457,7 @@ def plot_probe(trials: list[dict], out: Path) -> Path | None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, title="rule (trials)", loc="outside right center", frameon=False)
+    fig.legend(handles, labels, title="rule (trials; all k pooled)", loc="outside right center", frameon=False)
     fig.suptitle("Prefix recovery on the forget set (mean over trials; band: range)")
     fig.savefig(out)
     return out
@@ -735,9 +742,10 @@ def _per_trial(doc: Doc, ok: list[dict], suites: list[str]) -> None:
     rows = []
     order = sorted(ok, key=lambda t: (stats._sort_key(stats.condition_config(t["config"])),
                                       stats._seed_sort(t["config"].get("seed"))))
+    extra = stats.varying_keys(ok)
     for t in order:
         c = t["config"]
-        row = [str(t.get("trial_id")), stats.condition_label(c), str(c.get("seed"))]
+        row = [str(t.get("trial_id")), stats.condition_label(c, extra), str(c.get("seed"))]
         for s in suites:
             m = t["suites"].get(s)
             if not m:

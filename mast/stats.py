@@ -293,15 +293,26 @@ def condition_key(config: dict) -> tuple:
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in cfg.items()))
 
 
-def condition_label(config: dict) -> str:
-    """Readable name of a condition, e.g. 'mast/npo/k=8' or 'full/npo' (+ other grid fields)."""
+def condition_label(config: dict, extra_keys: Iterable[str] | None = None) -> str:
+    """Readable name of a condition, e.g. 'mast/npo/k=8' or 'full/npo', plus `extra_keys` (default: every
+    other config field) as 'lr=1e-05'."""
     parts = [str(config.get("rule", "?"))]
     if config.get("objective") is not None:
         parts.append(str(config["objective"]))
     if config.get("rule") not in K_FREE_RULES and config.get("k") is not None:
         parts.append(f"k={config['k']}")
-    extra = [f"{k}={config[k]}" for k in sorted(config) if k not in ("rule", "objective", "k", "seed")]
+    keys = sorted(config) if extra_keys is None else sorted(set(extra_keys) & set(config))
+    extra = [f"{k}={config[k]}" for k in keys if k not in ("rule", "objective", "k", "seed")]
     return "/".join(parts + extra)
+
+
+def varying_keys(trials: Sequence[dict]) -> list[str]:
+    """Config fields besides rule/objective/k/seed that take more than one value across the trials."""
+    values: dict[str, set] = {}
+    for t in trials:
+        for k, v in (t.get("config") or {}).items():
+            values.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
+    return sorted(k for k, v in values.items() if len(v) > 1 and k not in ("rule", "objective", "k", "seed"))
 
 
 def condition_config(config: dict) -> dict:
@@ -380,6 +391,11 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
     conditions: list[dict] = []
     comparisons: list[dict] = []
     notes: list[str] = []
+    extra = varying_keys(ok)
+
+    def label(cfg: dict) -> str:
+        return condition_label(cfg, extra)
+
     tested = suites_of(trials) if family == "sweep" else suites
     for s in tested:
         # condition key -> {seed: (delta, trial_id)}
@@ -396,12 +412,12 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
             seed = t["config"]["seed"]
             slot = by_cond.setdefault(key, {})
             if seed in slot and t["config"].get("rule") in K_FREE_RULES:
-                notes.append(f"{s}: {t.get('trial_id')} repeats {slot[seed][1]} ({condition_label(t['config'])} "
+                notes.append(f"{s}: {t.get('trial_id')} repeats {slot[seed][1]} ({label(t['config'])} "
                              f"ignores k; seed {seed}): the first is used")
                 continue
             if seed in slot:
                 raise InputError(f"trials: {t.get('trial_id')} and {slot[seed][1]}: same condition "
-                                 f"{condition_label(t['config'])} and seed {seed} (suite {s})")
+                                 f"{label(t['config'])} and seed {seed} (suite {s})")
             slot[seed] = (float(m["delta"]), t.get("trial_id"), m)
             cfg_of[key] = condition_config(t["config"])
         order = sorted(by_cond, key=lambda k: _sort_key(cfg_of[k]))
@@ -411,7 +427,7 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
             ti = t_interval(deltas, confidence)
             ms = [by_cond[key][sd][2] for sd in seeds]
             conditions.append({
-                "suite": s, "condition": condition_label(cfg_of[key]), "config": cfg_of[key],
+                "suite": s, "condition": label(cfg_of[key]), "config": cfg_of[key],
                 "seeds": seeds, "trial_ids": [by_cond[key][sd][1] for sd in seeds], "deltas": deltas,
                 "n_seeds": ti["n"], "mean_delta": ti["mean"], "sd_delta": ti["sd"],
                 "ci_low": ti["ci_low"], "ci_high": ti["ci_high"], "confidence": confidence,
@@ -432,8 +448,8 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
                 tests = paired_tests(x, y, confidence)
                 p_primary = tests[primary]["p_value"]
                 comparisons.append({
-                    "suite": s, "condition": condition_label(cfg_of[key]), "baseline": base,
-                    "baseline_condition": condition_label(cfg_of[bkey]), "seeds": matched,
+                    "suite": s, "condition": label(cfg_of[key]), "baseline": base,
+                    "baseline_condition": label(cfg_of[bkey]), "seeds": matched,
                     "unmatched_seeds": unmatched, "n": len(matched), "deltas": x, "baseline_deltas": y,
                     "differences": tests["differences"], "mean_difference": tests["mean_difference"],
                     "ttest": tests["ttest"], "wilcoxon": tests["wilcoxon"], "sign": tests["sign"],
@@ -472,6 +488,7 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
         "family": fam_info,
         "exact_p_floors": floors,
         "conditions": conditions, "comparisons": comparisons, "failed": failed,
+        "condition_fields": ["rule", "objective", "k"] + extra,
         "n_trials": len(trials), "n_ok": len(ok), "notes": notes,
     }
 
