@@ -225,7 +225,8 @@ class Doc:
                 _, headers, rows, bold = b
                 out.append("<table><thead><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in headers) + "</tr></thead><tbody>")
                 for i, r in enumerate(rows):
-                    cells = "".join(f"<td class='{'hit' if (i, j) in bold else ''}'>{e(str(c))}</td>" for j, c in enumerate(r))
+                    cells = "".join(f"<td class='hit'>{e(str(c))}</td>" if (i, j) in bold else f"<td>{e(str(c))}</td>"
+                                    for j, c in enumerate(r))
                     out.append(f"<tr>{cells}</tr>")
                 out.append("</tbody></table>")
             elif b[0] == "img":
