@@ -189,17 +189,41 @@ def _parse_pred(pred: str, benchmark: str):
     )
 
 
+_PLAIN_NUMBER_RE = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+_PLAIN_INT_RE = re.compile(r"-?\d{1,15}")
+
+
+def _numeric_verdict(gold: str, pred: str) -> bool | None:
+    """Shortcut for plain decimal numbers (commas ignored): True when the values are equal; for two
+    integers of <= 15 digits also False when they differ (math-verify could not say otherwise);
+    None = undecided, ask math-verify."""
+    a, b = gold.replace(",", ""), pred.replace(",", "")
+    if len(a) > 50 or len(b) > 50 or not (_PLAIN_NUMBER_RE.fullmatch(a) and _PLAIN_NUMBER_RE.fullmatch(b)):
+        return None
+    from decimal import Decimal
+
+    if Decimal(a) == Decimal(b):
+        return True
+    if _PLAIN_INT_RE.fullmatch(a) and _PLAIN_INT_RE.fullmatch(b):
+        return False
+    return None
+
+
 def is_equivalent(gold: str, extracted: str | None, benchmark: str, fast_path: bool = True) -> bool:
     """math-verify equivalence of an extracted answer with the gold one (no timeout here:
-    untrusted answers go through :func:`grade_records`). Equal strings are equal without
-    math-verify when `fast_path`."""
+    untrusted answers go through :func:`grade_records`). With `fast_path`, identical strings and
+    plain numbers are decided without math-verify (see :func:`_numeric_verdict`)."""
     if benchmark not in BENCHMARKS:
         raise InputError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if extracted is None or not str(extracted).strip():
         return False
     gold, extracted = str(gold).strip(), str(extracted).strip()
-    if fast_path and gold == extracted:
-        return True
+    if fast_path:
+        if gold == extracted:
+            return True
+        verdict = _numeric_verdict(gold, extracted)
+        if verdict is not None:
+            return verdict
     from math_verify import verify
 
     _quiet_math_verify()
@@ -414,8 +438,8 @@ def grade_records(
 ) -> list[dict]:
     """Rows {benchmark, gold, response, ...} -> same rows (copies, order kept) + `extracted`, `correct`.
 
-    No answer -> wrong. ``extracted == gold`` (as strings) -> right without math-verify when
-    `fast_path`. Everything else is checked by math-verify in worker processes; an answer that
+    No answer -> wrong. With `fast_path`, identical strings and equal plain decimal numbers
+    (``18.00`` = ``18``) are right, and two different plain integers wrong, without math-verify. Everything else is checked by math-verify in worker processes; an answer that
     takes longer than `timeout_s` seconds is wrong.
     """
     if timeout_s is None or timeout_s <= 0:
@@ -437,8 +461,10 @@ def grade_records(
         r["extracted"] = extract_answer(row["response"], bench)
         if r["extracted"] is None or not gold:
             r["correct"] = False
-        elif fast_path and r["extracted"] == gold:  # identical strings: no need for math-verify
-            r["correct"] = True
+        elif fast_path and r["extracted"] == gold:
+            r["correct"] = True  # identical strings: no need for math-verify
+        elif fast_path and _numeric_verdict(gold, r["extracted"]) is not None:
+            r["correct"] = _numeric_verdict(gold, r["extracted"])  # plain numbers, decided exactly
         else:
             r["correct"] = None
             pending.append((i, gold, r["extracted"], bench))
