@@ -41,8 +41,10 @@ MCNEMAR_KEYS = ("n", "both_correct", "right_to_wrong", "wrong_to_right", "both_w
 MCNEMAR_TEST = "exact McNemar (two-sided binomial on discordant pairs, p=1/2)"
 CI_METHOD = "paired percentile bootstrap over problems (multinomial on the 2x2 cells)"
 
-# rules whose trials ignore k (every parameter / every attention projection)
+# rules whose trials ignore k (every parameter / every attention projection), as in mast.sweep
 K_FREE_RULES = ("full", "attention")
+# the only rules whose choice depends on rho
+RHO_RULES = ("mast", "off_principal")
 PRIMARY_TESTS = ("ttest", "wilcoxon", "sign")
 PRIMARY_REASON = {
     "ttest": ("paired t-test is primary: each per-seed delta is a mean over the suite's problems, so the "
@@ -286,11 +288,8 @@ def mcnemar_test(before: Sequence[dict], after: Sequence[dict], n_bootstrap: int
 
 
 def condition_key(config: dict) -> tuple:
-    """Condition = the config without the seed; k dropped for rules that ignore it."""
-    cfg = {k: v for k, v in config.items() if k != "seed"}
-    if cfg.get("rule") in K_FREE_RULES:
-        cfg.pop("k", None)
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in cfg.items()))
+    """Hashable key of :func:`condition_config`."""
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in condition_config(config).items()))
 
 
 def condition_label(config: dict, extra_keys: Iterable[str] | None = None) -> str:
@@ -301,6 +300,7 @@ def condition_label(config: dict, extra_keys: Iterable[str] | None = None) -> st
         parts.append(str(config["objective"]))
     if config.get("rule") not in K_FREE_RULES and config.get("k") is not None:
         parts.append(f"k={config['k']}")
+    config = condition_config(config) | ({"seed": config["seed"]} if "seed" in config else {})
     keys = sorted(config) if extra_keys is None else sorted(set(extra_keys) & set(config))
     extra = [f"{k}={config[k]}" for k in keys if k not in ("rule", "objective", "k", "seed")]
     return "/".join(parts + extra)
@@ -316,9 +316,13 @@ def varying_keys(trials: Sequence[dict]) -> list[str]:
 
 
 def condition_config(config: dict) -> dict:
+    """Condition = the trial config without the seed, and without the fields its rule ignores
+    (k for full/attention, rho for every rule but mast/off_principal), so baselines match across them."""
     cfg = {k: v for k, v in config.items() if k != "seed"}
     if cfg.get("rule") in K_FREE_RULES:
         cfg.pop("k", None)
+    if cfg.get("rule") not in RHO_RULES:
+        cfg.pop("rho", None)
     return cfg
 
 
@@ -411,14 +415,14 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
             key = condition_key(t["config"])
             seed = t["config"]["seed"]
             slot = by_cond.setdefault(key, {})
-            if seed in slot and t["config"].get("rule") in K_FREE_RULES:
+            if seed in slot and slot[seed][3] != t["config"]:  # differs only in fields its rule ignores
                 notes.append(f"{s}: {t.get('trial_id')} repeats {slot[seed][1]} ({label(t['config'])} "
-                             f"ignores k; seed {seed}): the first is used")
+                             f"ignores k/rho; seed {seed}): the first is used")
                 continue
             if seed in slot:
                 raise InputError(f"trials: {t.get('trial_id')} and {slot[seed][1]}: same condition "
                                  f"{label(t['config'])} and seed {seed} (suite {s})")
-            slot[seed] = (float(m["delta"]), t.get("trial_id"), m)
+            slot[seed] = (float(m["delta"]), t.get("trial_id"), m, t["config"])
             cfg_of[key] = condition_config(t["config"])
         order = sorted(by_cond, key=lambda k: _sort_key(cfg_of[k]))
         for key in order:

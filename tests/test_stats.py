@@ -443,3 +443,20 @@ def test_cli_seeds_folder_file_and_csv(tmp_path, capsys):
     assert "no trials.jsonl" in capsys.readouterr().err
     assert main(["stats", "seeds", str(sweep), "--suite", "nope"]) == 2
     assert "no ok trial has suite 'nope'" in capsys.readouterr().err
+
+
+def test_rho_grid_matches_baselines_that_ignore_rho():
+    """With rho in the grid the sweep keeps one rho for rules that ignore it; they still pair with every rho."""
+    trials, _, _ = make_trials(n_seeds=3, ks=(2,), objectives=("npo",), suites=(("forget", 60, 0.5),),
+                               with_failed=False)
+    rows = []
+    for t in trials:
+        rule = t["config"]["rule"]
+        for rho in ((0.05, 0.1) if rule == "mast" else (0.05,)):
+            rows.append({**t, "trial_id": f"{t['trial_id']}_rho{rho}", "config": {**t["config"], "rho": rho}})
+    table = stats.seed_level_table(rows)
+    comps = {(c["condition"], c["baseline"]): c for c in table["comparisons"]}
+    assert set(comps) == {("mast/npo/k=2/rho=0.05", "full"), ("mast/npo/k=2/rho=0.05", "random"),
+                          ("mast/npo/k=2/rho=0.1", "full"), ("mast/npo/k=2/rho=0.1", "random"),
+                          ("random/npo/k=2", "full")}
+    assert all(c["n"] == 3 for c in comps.values())
