@@ -350,7 +350,9 @@ def forget_batches(tokenizer, forget: Sequence[dict], template: str, max_length:
 def token_nll_sum(model, ids, att, msk):
     """Sum of -log p(token) over completion tokens (logits at t predict token t+1), and their count."""
     torch = _torch()
-    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
     target = ids[:, 1:]
     weight = (msk[:, 1:] * att[:, 1:]).to(logits.dtype)
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
