@@ -254,8 +254,12 @@ def _worker_main(rfd: int, wfd: int, memory_gb: float) -> None:
     is_equivalent("1", "1.0", "math")  # warm sympy / the LaTeX parser before saying ready
     outbox.send(("ready", os.getpid()))
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+    parent = os.getppid()
     while True:
         try:
+            while not inbox.poll(5.0):
+                if os.getppid() != parent:  # orphaned (the parent was killed): leave
+                    return
             msg = inbox.recv()
         except (EOFError, OSError):
             return

@@ -203,3 +203,39 @@ def test_gold_self_grading(data_dir):
 def test_gold_self_grading_every_answer_through_math_verify(data_dir):
     """The same, with no exact-string shortcut: every answer is parsed and verified by math-verify."""
     _check_gold(*_gold_rows(data_dir), fast_path=False)
+
+
+@pytest.mark.slow
+def test_grading_inside_a_ray_worker():
+    """Ray tasks run off the main thread's signal handling; the hard timeout must still hold there."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from mast.grading import grade_records as grade
+
+    tmp = tempfile.mkdtemp(prefix="mastray", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    try:
+        @ray.remote(max_concurrency=2)  # a threaded actor: methods run off the main thread
+        class Grader:
+            def grade(self, rows):
+                import threading
+                import time as _t
+
+                t0 = _t.monotonic()
+                out = grade(rows, timeout_s=1.0)
+                on_main = threading.current_thread() is threading.main_thread()
+                return [r["correct"] for r in out], _t.monotonic() - t0, on_main
+
+        rows = _rows([("math", "2", "\\boxed{" + TOWER + "}", False), ("math", "\\frac{1}{2}", "\\boxed{0.5}", True),
+                      ("gsm8k", "1080", "#### 1,080", True)])
+        verdicts, seconds, on_main = ray.get(Grader.remote().grade.remote(rows), timeout=120)
+        assert not on_main
+        assert verdicts == [False, True, True] and seconds < 20
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
