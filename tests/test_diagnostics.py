@@ -1,0 +1,91 @@
+"""`mast diagnose` on a tiny base -> reference -> target triple: summaries, figures, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mast.cli import main
+from mast.diagnostics import delta_summary
+from mast.files import write_jsonl
+
+
+def test_delta_summary_is_exact():
+    d = np.array([-0.5, -0.05, 0.0, 0.02, 0.3, 1.0])
+    s = delta_summary(d, threshold=0.1)
+    assert s["n_tokens"] == 6
+    assert s["mean"] == pytest.approx(d.mean())
+    assert s["mean_abs"] == pytest.approx(np.abs(d).mean())
+    assert s["share_moved"] == pytest.approx(3 / 6)
+    assert s["share_up"] == pytest.approx(2 / 6) and s["share_down"] == pytest.approx(1 / 6)
+    assert s["quantiles"]["q50"] == pytest.approx(np.median(d))
+    assert delta_summary([], 0.1) == {"n_tokens": 0}
+
+
+@pytest.fixture(scope="module")
+def triple(tmp_path_factory, tiny_pair) -> tuple[Path, Path, Path]:
+    """(base, reference, target): tiny model, its planted-increment copy, and a further RLVR-like step on o_proj."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, ref = tiny_pair
+    target = tmp_path_factory.mktemp("diag") / "target"
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("self_attn.o_proj.weight") and ".0." in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(ref).save_pretrained(target)
+    return base, ref, target
+
+
+def test_cli_diagnose_writes_summary_and_figures(triple, problems, tmp_path, capsys):
+    base, ref, target = triple
+    forget = tmp_path / "forget.jsonl"
+    write_jsonl(forget, problems)
+    out = tmp_path / "diag"
+    rc = main(["diagnose", "--base", str(base), "--reference", str(ref), "--target", str(target), "--forget",
+               str(forget), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--threshold", "0.01"])
+    assert rc == 0
+    res = json.loads((out / "diagnostics.json").read_text())
+    for png in res["figures"]:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    sft, rl = res["logprob_delta"]["sft"], res["logprob_delta"]["rlvr"]
+    assert sft["n_tokens"] == rl["n_tokens"] > 0 and sft["threshold"] == 0.01
+    assert set(sft["quantiles"]) == {"q01", "q05", "q25", "q50", "q75", "q95", "q99"}
+    # per-token deltas add up: mean(target - base) = mean(target - ref) + mean(ref - base)
+    mlp = res["mean_logprob"]
+    assert sft["mean"] == pytest.approx(mlp["reference"] - mlp["base"], abs=1e-9)
+    assert rl["mean"] == pytest.approx(mlp["target"] - mlp["reference"], abs=1e-9)
+    tokens = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    assert [t["id"] for t in tokens] == [p["id"] for p in problems]
+    assert sum(len(t["sft"]) for t in tokens) == sft["n_tokens"]
+    # the weight view sees exactly the planted tensors move in each step
+    moved = {step: {c["name"] for c in res["weights"][step]["candidates"] if c["moved"]} for step in ("sft", "rlvr")}
+    assert moved["sft"] == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+                            "model.layers.1.self_attn.o_proj.weight"}
+    assert moved["rlvr"] == {"model.layers.0.self_attn.o_proj.weight"}
+    curves = res["energy_curves"]["reference"]
+    assert len(curves) == 8 and all(c[-1] == pytest.approx(1.0, abs=1e-5) for c in curves.values())
+    assert "RLVR increment" in capsys.readouterr().out
+
+
+def test_cli_diagnose_bad_inputs(triple, problems, tmp_path, capsys):
+    base, ref, target = triple
+    forget = tmp_path / "forget.jsonl"
+    write_jsonl(forget, problems)
+    out = tmp_path / "diag"
+    common = ["--reference", str(ref), "--target", str(target), "--forget", str(forget), "--out", str(out)]
+    for argv, needle in [(["--base", str(tmp_path / "nope"), *common], "nope"),
+                         (["--base", str(base), *common, "--rho", "0"], "rho")]:
+        capsys.readouterr()
+        assert main(["diagnose", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err
+    assert not out.exists()
