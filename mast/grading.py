@@ -53,35 +53,39 @@ _ANSWER_IS_RE = re.compile(
 _GSM_HASH_RE = re.compile(r"####\s*([^\n]*)")
 
 
-def _match_braces(text: str, start: int) -> int | None:
-    """Index just past the ``}`` closing the ``{`` at `start` (escaped ``\\{``/``\\}`` skipped)."""
-    depth, i, n = 0, start, len(text)
+def _brace_pairs(text: str) -> dict[int, int]:
+    """{index of '{': index just past its matching '}'} in one pass (escaped ``\\{``/``\\}`` skipped)."""
+    pairs, stack, i, n = {}, [], 0, len(text)
     while i < n:
         c = text[i]
         if c == "\\":
             i += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i + 1
         i += 1
-    return None
+    return pairs
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``) in `text`."""
-    for m in reversed(list(_BOX_RE.finditer(text))):
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``) in `text`.
+
+    Linear in len(text), however many boxes are left unclosed."""
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return None
+    pairs = _brace_pairs(text)
+    for m in reversed(boxes):
         i = m.end()
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
-            end = _match_braces(text, i)
+            end = pairs.get(i)
             if end is not None:
                 return text[i + 1 : end - 1].strip()
-        elif i > m.end() and i < len(text):  # "\boxed 5": up to the next space or $
+        elif i > m.end() and i < len(text):  # "\\boxed 5": up to the next space or $
             tok = re.match(r"[^\s$]+", text[i:])
             if tok:
                 return tok.group(0).strip()

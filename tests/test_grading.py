@@ -103,6 +103,18 @@ def test_extract_answer_forms():
     assert extract_answer("no digits here", "gsm8k") is None
 
 
+@pytest.mark.parametrize("text", ["\\boxed{" * 20000, "\\boxed{1} " + "\\boxed{" * 20000, "the answer is " * 5000,
+                                  "9" * 200_000, "{" * 50000 + "\\boxed{3}", "1,000," * 20000],
+                         ids=["unclosed_boxes", "box_then_unclosed", "answer_is_repeated", "digits", "braces",
+                              "separators"])
+def test_extraction_is_linear_on_adversarial_text(text):
+    """Extraction runs in the caller's process, outside the timeout: it must stay fast on any input."""
+    t0 = time.monotonic()
+    for bench in ("math", "gsm8k"):
+        extract_answer(text, bench)
+    assert time.monotonic() - t0 < 2.0
+
+
 def test_grading_table(tmp_path):
     assert len(TABLE) >= 40
     t0 = time.monotonic()
