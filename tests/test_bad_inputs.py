@@ -73,6 +73,8 @@ CASES = {
     "suite_jsonl_without_path": (lambda t: _suite(t, "name: x\nbenchmark: jsonl\n"), "needs a 'path'"),
     "suite_split_role_not_jsonl": (lambda t: _suite(t, "name: x\nbenchmark: gsm8k\nsplit_role: forget\n"),
                                    "split_role needs benchmark 'jsonl'"),
+    "suite_split_role_run_standalone": (lambda t: _suite(t, "name: f\nbenchmark: jsonl\nsplit_role: forget\n"),
+                                        "no 'path' to a problem file"),
     "suite_problem_file_missing": (lambda t: _suite(t, "name: x\nbenchmark: jsonl\npath: gone.jsonl\n"),
                                    "gone.jsonl: file not found"),
     "suite_problem_file_missing_fields": (
