@@ -408,7 +408,10 @@ def prepare(spec: SweepSpec, sweep_dir: Path, data_dir: str | None = None, spec_
         if old.get("key") == key and all((pdir / "baseline" / f"{n}.jsonl").is_file() for n in suites):
             _log(f"prepared: reusing {pdir} (key {key}; no baseline re-evaluation)")
             return {**old, "evaluations": {n: 0 for n in suites}}
-        _log(f"prepared: inputs changed (key {old.get('key')} -> {key}); preparing again")
+        if old.get("key") != key:
+            raise InputError(f"{pdir}: the sweep's inputs changed since it started (models, data or suites; "
+                             f"prepared key {old.get('key')} -> {key}); trials would be compared with another "
+                             f"baseline: start a new sweep (another name or --out)")
 
     template = spec.evaluation.template or info["own_template"]
     evaluations: dict[str, int] = {}
@@ -448,14 +451,21 @@ def prepare(spec: SweepSpec, sweep_dir: Path, data_dir: str | None = None, spec_
     finally:
         backend.close()
 
-    spectral = pdir / "spectral"
+    # selection statistics that do not depend on the trial: spectra (every rho of the grid) and
+    # the forget-gradient coupling (per forget-text variant), cached where select() looks
+    sel_cache = pdir / "selection_cache"
     try:
-        from mast.selection import spectral_stats
-
-        for rho in sorted({float(r) for r in spec.grid.get("rho", [spec.selection.rho])}):
-            spectral_stats(info["reference"], info["target"], rho, spectral)
+        from mast.selection import coupling_stats, spectral_stats_multi
     except ImportError:
-        _log("prepared: mast.selection.spectral_stats unavailable; selection computes it per trial")
+        _log("prepared: mast.selection caches unavailable; selection computes its statistics per trial")
+    else:
+        sel = spec.selection
+        rhos = sorted({float(r) for r in spec.grid.get("rho", [sel.rho])})
+        _log(f"spectral statistics (rho {rhos}) and forget-gradient coupling")
+        spectral_stats_multi(info["reference"], info["target"], rhos, sel_cache, sel.candidates)
+        for texts in [info["forget_texts"]] + ([generated] if generated is not None else []):
+            coupling_stats(info["reference"], info["target"], texts, sel_cache, sel.candidates, template,
+                           sel.max_length, sel.coupling_batch_size)
 
     write_jsonl(pdir / "forget.jsonl", info["forget_texts"])
     write_jsonl(pdir / "retain.jsonl", info["retain_texts"])
@@ -475,7 +485,7 @@ def prepare(spec: SweepSpec, sweep_dir: Path, data_dir: str | None = None, spec_
                               for n in suites},
         "n": {"forget_texts": len(info["forget_texts"]), "retain_texts": len(info["retain_texts"]),
               **{n: len(s["problems"]) for n, s in suites.items()}},
-        "spectral_cache": str(spectral), "generated_texts": generated is not None,
+        "selection_cache": str(sel_cache), "generated_texts": generated is not None,
     }
     write_json(manifest_path, manifest)  # written last: its presence means prepared/ is complete
     return {**manifest, "evaluations": evaluations}
@@ -603,7 +613,7 @@ def _run_trial_body(point: dict, ctx: dict, tdir: Path, run_id: str, report) -> 
                                       "unlearning": point["unlearning"]})
     # 1. select
     selection = select(ctx["reference"], ctx["target"], forget, sel_spec, cache_dir=ctx["selection_cache"],
-                       template=ctx["template"])
+                       template=ctx["template"], progress=False)
     write_json(tdir / "selection.json", selection)
     selected = [c["name"] for c in selection.get("candidates", []) if c.get("selected")]
     # 2. unlearn (checkpoint in a trial-local folder, deleted after evaluation unless kept)
@@ -622,7 +632,7 @@ def _run_trial_body(point: dict, ctx: dict, tdir: Path, run_id: str, report) -> 
         assert Path(res.out_dir).resolve() != Path(ctx["target"]).resolve(), "a trial never evaluates the target"
         # 3. evaluate every suite on the unlearned checkpoint, 4. paired tests vs the cached baseline
         backend = make_backend(spec_eval["backend"], res.out_dir, batch_size=spec_eval["batch_size"],
-                               **ctx["backend_options"])
+                               progress=False, **ctx["backend_options"])
         try:
             for i, (name, s) in enumerate(ctx["suites"].items()):
                 ev = evaluate(res.out_dir, SuiteSpec.model_validate(s), backend=backend, problems=ctx["problems"][name],
@@ -720,7 +730,10 @@ def run_tune(spec: SweepSpec, grid: Grid, ctx: dict, storage: str, resume: bool)
             param_space={"point": tune.grid_search(points)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=spec.resources.max_concurrent, scheduler=_scheduler(spec, len(ctx["suites"])),
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name, reuse_actors=False),
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                # CPU trials reuse worker processes (saves the torch import per trial); GPU
+                # trials get a fresh process each, so nothing of one trial's GPU memory lingers
+                reuse_actors=spec.resources.gpu == 0),
             run_config=tune.RunConfig(
                 storage_path=storage, name=spec.name, verbose=1,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures)),
@@ -937,7 +950,7 @@ def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None
             "suites": prepared["suites"], "problems": {n: read_jsonl(pdir / "suites" / f"{n}.jsonl")
                                                        for n in prepared["suites"]},
             "baseline": baseline, "baseline_probe": baseline_probe,
-            "selection_cache": prepared["spectral_cache"],
+            "selection_cache": prepared["selection_cache"],
             "evaluation": spec.evaluation.model_dump(mode="json"), "backend_options": _backend_options(spec),
             "keep_checkpoints": spec.keep_checkpoints, "report_each_suite": spec.scheduler.kind == "asha",
         }

@@ -151,3 +151,166 @@ def test_existing_sweep_needs_resume_and_same_spec(tmp_path, capsys):
     p2 = _write(tmp_path, {**spec, "grid": {"rule": ["full"]}}, "s2.yaml")
     code, err = _run(capsys, p2, "--out", out, "--resume")
     assert code == 2 and "spec changed" in err
+
+
+# --------------------------------------------------------------------------- slow: real Ray + MLflow on the toy
+
+
+@pytest.fixture(scope="session")
+def sweep_toy(request, tmp_path_factory) -> Path:
+    """The toy triple: the shared `toy_dir` fixture when conftest has one, else built here."""
+    try:
+        return Path(request.getfixturevalue("toy_dir"))
+    except pytest.FixtureLookupError:
+        from mast.toy import build_toy
+
+        out = tmp_path_factory.mktemp("sweep_toy") / "toy"
+        build_toy(out, seed=0)
+        return out
+
+
+def _toy_spec(toy: Path, name: str, grid: dict, **over) -> dict:
+    spec = {
+        "name": name,
+        "models": {"toy": {"seed": 0, "out": str(toy)}},
+        "data": {"forget_size": 16, "retain_size": 16},
+        "grid": grid,
+        "selection": {"k": 2, "max_length": 128},
+        "unlearning": {"lr": 1e-3, "steps": 2, "batch_size": 4, "max_length": 128, "bf16": False,
+                       "gradient_checkpointing": False},
+        "evaluation": {"suites": ["forget", "retain"], "limits": {"forget": 16, "retain": 16}, "batch_size": 16},
+        "resources": {"cpu": 1, "max_concurrent": 2, "max_failures": 1},
+    }
+    spec.update(over)
+    return spec
+
+
+def _child_runs(uri: str, exp_id: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    runs = c.search_runs([exp_id], filter_string="tags.`mast.role` = 'trial'", max_results=1000)
+    return c, runs
+
+
+@pytest.mark.slow
+def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, sweep_toy, capsys):
+    import ray
+
+    from mast.stats import seed_level_table
+    from mast.sweep import run_sweep
+
+    out = tmp_path / "sweep"
+    spec = _write(tmp_path, _toy_spec(sweep_toy, "small", {"rule": ["mast", "full"], "seed": [0, 1]}))
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    try:
+        meta = run_sweep(spec, out=out)
+    finally:
+        ray.shutdown()
+    ids = ["mast-npo-k2-s0", "mast-npo-k2-s1", "full-npo-s0", "full-npo-s1"]
+    assert meta["n_trials"] == 4 and meta["n_ok"] == 4 and meta["trial_ids"] == ids
+    assert meta["baseline_evaluations"] == {"forget": 1, "retain": 1}  # once per suite, not per trial
+    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [r["trial_id"] for r in rows] == ids and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert set(r["suites"]) == {"forget", "retain"} and r["suites"]["forget"]["n"] == 16
+        tdir = out / "trials" / r["trial_id"]
+        assert {"config.json", "selection.json", "losses.jsonl", "result.json", "results"} <= {
+            p.name for p in tdir.iterdir()}
+        assert not (tdir / "checkpoint").exists()  # deleted after evaluation
+        assert json.loads((tdir / "result.json").read_text()) == r
+    assert len(rows[0]["selected"]) == 2 and rows[2]["all_parameters"]
+    table = json.loads((out / "seed_table.json").read_text())
+    assert table == json.loads(json.dumps(seed_level_table(rows, suite=None)))
+    assert any(c["condition"] == "mast/npo/k=2" and c["baseline"] == "full" for c in table["comparisons"])
+
+    # MLflow: one parent, one FINISHED child per trial with the metric names, tables, artifacts
+    c, runs = _child_runs(meta["tracking_uri"], meta["experiment_id"])
+    assert sorted(r.info.run_name for r in runs) == sorted(ids)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["mlflow.parentRunId"] == meta["parent_run_id"] for r in runs)
+    for r in runs:
+        for s in ("forget", "retain"):
+            assert {f"{s}/accuracy", f"{s}/delta", f"{s}/mcnemar_p", f"{s}/ci_low", f"{s}/ci_high"} <= set(
+                r.data.metrics)
+        assert r.data.params["rule"] in ("mast", "full") and "seed" in r.data.params
+        assert len(c.get_metric_history(r.info.run_id, "train/total")) == 2  # 2 steps
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert "selection.json" in arts and {a.path for a in c.list_artifacts(r.info.run_id, "results")} == {
+            "results/forget.json", "results/retain.json"}
+    parent = c.get_run(meta["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/ok"] == 4
+    sig = {a.path for a in c.list_artifacts(parent.info.run_id, "significance")}
+    assert {"significance/seed_table.json", "significance/holm.json"} <= sig
+    holm = json.loads(open(c.download_artifacts(parent.info.run_id, "significance/holm.json", str(tmp_path))).read())
+    assert holm["comparisons"] and all("p_holm" in x for x in holm["comparisons"])
+    assert {"spec.yaml", "baseline", "splits"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert "headline" not in capsys.readouterr().err  # (output goes to stdout)
+
+    # a finished sweep: refused without --resume; --resume re-runs nothing and duplicates nothing
+    assert main(["sweep", str(spec), "--out", str(out)]) == 2
+    assert "already exists; use --resume" in capsys.readouterr().err
+    before = {i: (out / "trials" / i / "result.json").stat().st_mtime_ns for i in ids}
+    assert main(["sweep", str(spec), "--out", str(out), "--resume"]) == 0
+    meta2 = json.loads((out / "sweep.json").read_text())
+    assert meta2["baseline_evaluations"] == {"forget": 1, "retain": 1}
+    assert {i: (out / "trials" / i / "result.json").stat().st_mtime_ns for i in ids} == before
+    _, runs = _child_runs(meta["tracking_uri"], meta["experiment_id"])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, sweep_toy):
+    """SIGKILL the driver after its first trial finished; --resume completes the rest, once each.
+
+    Half of the grid diverges (lr 1e30): those trials are retried per FailureConfig, then recorded
+    as failed with their error; the sweep goes on.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    spec = _toy_spec(sweep_toy, "killed", {"lr": [1e-3, 1e30], "seed": [0, 1]},
+                     resources={"cpu": 1, "max_concurrent": 1, "max_failures": 1})
+    spec["unlearning"]["max_grad_norm"] = None
+    p = _write(tmp_path, spec)
+    cmd = [sys.executable, "-m", "mast.cli", "sweep", str(p), "--out", str(out)]
+    env = {**os.environ, "MAST_RAY_NUM_CPUS": "2"}
+    log = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    first = None
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        done = [f for f in (out / "trials").glob("*/result.json") if json.loads(f.read_text())["status"] == "ok"]
+        if done:
+            first = done[0]
+            break
+        time.sleep(0.5)
+    assert first is not None, (tmp_path / "run1.log").read_text()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "trials.jsonl").exists()  # it really died mid-sweep
+    first_row = first.read_text()
+    time.sleep(3)  # let Ray's fate-sharing processes exit
+
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert first.read_text() == first_row  # the trial finished before the kill was not run again
+    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "sweep.json").read_text())
+    assert len(rows) == 4 and len({x["trial_id"] for x in rows}) == 4 and meta["trial_ids"] == [
+        x["trial_id"] for x in rows]
+    ok = [x for x in rows if x["status"] == "ok"]
+    failed = [x for x in rows if x["status"] == "failed"]
+    assert {x["config"]["lr"] for x in ok} == {1e-3} and len(ok) == 2
+    assert {x["config"]["lr"] for x in failed} == {1e30} and len(failed) == 2
+    assert all("diverged" in x["error"] for x in failed)
+    assert meta["baseline_evaluations"] == {"forget": 1, "retain": 1}
+    _, runs = _child_runs(meta["tracking_uri"], meta["experiment_id"])
+    assert sorted(x.info.run_name for x in runs) == sorted(x["trial_id"] for x in rows)  # one run per trial
+    status = {x.info.run_name: x.info.status for x in runs}
+    assert all(status[x["trial_id"]] == "FINISHED" for x in ok)
+    assert all(status[x["trial_id"]] == "FAILED" for x in failed)
