@@ -184,16 +184,21 @@ class HFBackend:
         return self.generate_ids(encode_prompts(self.tokenizer, prompts), decoding)
 
     def generate_ids(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[str]]:
+        return self.generate_counted(prompt_ids, decoding)[0]
+
+    def generate_counted(self, prompt_ids: list[list[int]], decoding: DecodingSpec):
+        """(texts, counts): per prompt the n completions and their generated-token counts (eos excluded)."""
         import torch
         from tqdm.auto import tqdm
 
         if not prompt_ids:
-            return []
+            return [], []
         gen_config = self._generation_config(decoding)
         sample = decoding.temperature > 0
         n_ret = decoding.n if sample else 1
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-        out: list[list[str] | None] = [None] * len(prompt_ids)
+        out: list = [None] * len(prompt_ids)
+        counts: list = [None] * len(prompt_ids)
         pad = self.tokenizer.pad_token_id
         bar = tqdm(total=len(prompt_ids), desc=f"generate ({self.model_dir.name})", unit="prompt",
                    disable=not self.progress, file=sys.stderr, leave=False)
@@ -213,15 +218,17 @@ class HFBackend:
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                     generation_config=gen_config, tokenizer=self.tokenizer if decoding.stop else None,
                 )
-                new = seqs[:, width:].tolist()
-                texts = self.tokenizer.batch_decode([self._strip(t) for t in new], skip_special_tokens=True)
+                new = [self._strip(t) for t in seqs[:, width:].tolist()]
+                texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
                 texts = [truncate_at_stop(t, decoding.stop) for t in texts]
                 for row, i in enumerate(idx):
                     got = texts[row * n_ret:(row + 1) * n_ret]
+                    n_tok = [len(t) for t in new[row * n_ret:(row + 1) * n_ret]]
                     out[i] = got if sample else got * decoding.n
+                    counts[i] = n_tok if sample else n_tok * decoding.n
                 bar.update(len(idx))
         bar.close()
-        return out  # type: ignore[return-value]
+        return out, counts
 
     def _strip(self, tokens: list[int]) -> list[int]:
         """Generated ids up to (not including) the first eos; padding after it dropped."""
@@ -271,8 +278,11 @@ class VLLMBackend:
         return self.generate_ids(encode_prompts(self.tokenizer, prompts), decoding)
 
     def generate_ids(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[str]]:
+        return self.generate_counted(prompt_ids, decoding)[0]
+
+    def generate_counted(self, prompt_ids: list[list[int]], decoding: DecodingSpec):
         if not prompt_ids:
-            return []
+            return [], []
         job = {
             "model": str(self.model_dir.resolve()),
             "llm": {**self.options, "seed": decoding.seed},
@@ -298,10 +308,11 @@ class VLLMBackend:
                                   timeout=self.timeout_s, check=False, env=env)
             if proc.returncode != 0 or not outp.is_file():
                 raise RuntimeError(f"vLLM worker failed (exit {proc.returncode}) on {self.model_dir}")
-            texts = json.loads(outp.read_text(encoding="utf-8"))
+            result = json.loads(outp.read_text(encoding="utf-8"))
+        texts, counts = result["texts"], result["token_counts"]
         if len(texts) != len(prompt_ids):
             raise RuntimeError(f"vLLM worker returned {len(texts)} results for {len(prompt_ids)} prompts")
-        return [[truncate_at_stop(t, decoding.stop) for t in row] for row in texts]
+        return [[truncate_at_stop(t, decoding.stop) for t in row] for row in texts], counts
 
     def close(self) -> None:
         pass
@@ -389,6 +400,53 @@ def _check_problems(problems: list[dict], source: str) -> None:
         seen.add(p["id"])
 
 
+def eval_cache_key(model_dir: str | os.PathLike, suite: SuiteSpec, problems: list[dict], backend: str) -> str:
+    """Content key of an evaluation: everything that can change its records, nothing else.
+
+    hash(model fingerprint (weights, config, tokenizer files, chat template), the source of
+    mast/prompts.py, the problems (id, question, gold answer; solutions when probed), grader,
+    template, decoding, backend, probe). Computed without loading the model or transformers,
+    so a cache hit costs a file read.
+    """
+    model_dir = Path(model_dir)
+    probe = _probe_spec(suite)
+    templates = sorted(model_dir.glob("*.jinja")) + sorted(model_dir.glob("chat_template.json"))
+    return stable_hash({
+        "v": CACHE_VERSION,
+        "model": fingerprint_model(model_dir),
+        "chat_template": [[f.name, sha16(f.read_text(encoding="utf-8"))] for f in templates],
+        "prompts_code": _prompts_code_sha(),
+        "problems": [[p["id"], sha16(str(p["prompt"])), str(p["answer"])] for p in problems],
+        "solutions": [sha16(p.get("solution") or "") for p in problems] if probe else None,
+        "grader": suite.grader,
+        "template": suite.template,
+        "decoding": suite.decoding.model_dump(),
+        "backend": backend,
+        "probe": probe.model_dump() if probe else None,
+    })
+
+
+def _prompts_code_sha() -> str:  # noqa: N802  (a memoised constant)
+    global _PROMPTS_SHA
+    if _PROMPTS_SHA is None:
+        import mast.prompts
+
+        _PROMPTS_SHA = sha16(Path(mast.prompts.__file__).read_text(encoding="utf-8"))
+    return _PROMPTS_SHA
+
+
+_PROMPTS_SHA: str | None = None
+
+
+def _generate_counted(gen, prompt_ids: list[list[int]], decoding: DecodingSpec):
+    """(texts, generated-token counts) from a backend; counts re-tokenized for a backend without them."""
+    if hasattr(gen, "generate_counted"):
+        return gen.generate_counted(prompt_ids, decoding)
+    texts = gen.generate_ids(prompt_ids, decoding)
+    counts = [[len(gen.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in row] for row in texts]
+    return texts, counts
+
+
 def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any = "hf",
              data_dir: str | os.PathLike | None = None, problems: list[dict] | None = None,
              cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
@@ -412,21 +470,9 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
     backend_name = backend if isinstance(backend, str) else backend.name
     if isinstance(backend, str) and backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    tokenizer = backend.tokenizer if not isinstance(backend, str) else load_tokenizer(model_dir)
-    prompts = [_format(tokenizer, p["prompt"], suite.template) for p in problems]
     decoding = suite.decoding
     probe = _probe_spec(suite)
-    key = stable_hash({
-        "v": CACHE_VERSION,
-        "model": fingerprint_model(model_dir),
-        "problems": [[p["id"], sha16(pr), str(p["answer"])] for p, pr in zip(problems, prompts)],
-        "solutions": [sha16(p.get("solution", "")) for p in problems] if probe else None,
-        "grader": suite.grader,
-        "template": suite.template,
-        "decoding": decoding.model_dump(),
-        "backend": backend_name,
-        "probe": probe.model_dump() if probe else None,
-    })
+    key = eval_cache_key(model_dir, suite, problems, backend_name)
     path = cache_root(cache_dir) / "eval" / f"{key}.jsonl"
     probe_path = path.with_suffix(".probe.json")
     if use_cache and path.is_file() and (probe is None or probe_path.is_file()):
@@ -439,12 +485,13 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
     options = {"progress": progress, **(backend_options or {})}
     gen = make_backend(backend, model_dir, batch_size=batch_size, **options) if owned else backend
     try:
+        prompts = [_format(gen.tokenizer, p["prompt"], suite.template) for p in problems]
         prompt_ids = encode_prompts(gen.tokenizer, prompts)
-        texts = gen.generate_ids(prompt_ids, decoding)
+        texts, counts = _generate_counted(gen, prompt_ids, decoding)
         responses = [t[0] for t in texts]  # the first completion is the scored one (n=1 by default)
         graded = _grade(problems, responses, suite.grader)
         records = []
-        for p, pr, ids, g, texts_i in zip(problems, prompts, prompt_ids, graded, texts):
+        for p, pr, ids, g, texts_i, n_tok in zip(problems, prompts, prompt_ids, graded, texts, counts):
             rec = {
                 "id": p["id"],
                 "correct": bool(g["correct"]),
@@ -452,7 +499,7 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
                 "extracted": g.get("extracted"),
                 "prompt_sha": sha16(pr),
                 "prompt_tokens": len(ids),
-                "response_tokens": len(gen.tokenizer(g["response"], add_special_tokens=False)["input_ids"]),
+                "response_tokens": n_tok[0],
             }
             if decoding.n > 1:
                 rec["responses"] = texts_i

@@ -3,9 +3,10 @@
 IN: ``{"model", "llm": {tensor_parallel_size, gpu_memory_utilization, seed, ...},
 "sampling": {temperature, top_p, max_tokens, n, seed, stop, stop_token_ids},
 "prompt_token_ids": [[int, ...], ...], "progress": bool}``.
-OUT: ``[[text, ...n], ...]`` in request order (``LLM.generate`` returns one RequestOutput per
-prompt, in input order). The process exits when done, which is what frees vLLM's GPU memory;
-the parent (:class:`mast.evaluation.VLLMBackend`) never imports vLLM.
+OUT: ``{"texts": [[text, ...n], ...], "token_counts": [[int, ...n], ...]}`` in request order
+(``LLM.generate`` returns one RequestOutput per prompt, in input order). The process exits
+when done, which is what frees vLLM's GPU memory; the parent
+(:class:`mast.evaluation.VLLMBackend`) never imports vLLM.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 
-def run(job: dict) -> list[list[str]]:
+def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams  # lazy: only GPU installs have vLLM
 
     llm_kw = {k: v for k, v in job["llm"].items() if v is not None}
@@ -37,7 +38,12 @@ def run(job: dict) -> list[list[str]]:
     )
     prompts = [{"prompt_token_ids": ids} for ids in job["prompt_token_ids"]]  # TokensPrompt dicts
     outputs = llm.generate(prompts, params, use_tqdm=bool(job.get("progress", True)))
-    return [[c.text for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
+    texts, counts = [], []
+    for o in outputs:  # one RequestOutput per prompt, in request order
+        comps = sorted(o.outputs, key=lambda c: c.index)
+        texts.append([c.text for c in comps])
+        counts.append([len(c.token_ids) for c in comps])
+    return {"texts": texts, "token_counts": counts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m mast.vllm_worker IN.json OUT.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    texts = run(job)
+    result = run(job)
     out = Path(argv[1])
     fd, tmp = tempfile.mkstemp(prefix=".out.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(texts, f)
+        json.dump(result, f)
     os.replace(tmp, out)
     return 0
 
