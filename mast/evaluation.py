@@ -144,22 +144,47 @@ class HFBackend:
 
     def __init__(self, model_dir: str | os.PathLike, batch_size: int = 32, device: str | None = None,
                  dtype: Any = None, progress: bool = True):
-        import torch
-        from transformers import AutoModelForCausalLM
-
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise InputError(f"{self.model_dir}: not a checkpoint folder (no config.json)")
         self.batch_size = int(batch_size)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device)
-        self.model.eval()
-        self.eos_ids = stop_token_ids(self.tokenizer, self.model_dir)
-        self._eos = set(self.eos_ids)
+        self._device, self._dtype = device, dtype
         self.progress = progress
+        self._tokenizer = self._model = None
+
+    # tokenizer and weights load on first use: a backend built for suites that are all cache
+    # hits never loads the model
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_dir)
+            self._eos_ids = stop_token_ids(self._tokenizer, self.model_dir)
+            self._eos = set(self._eos_ids)
+        return self._tokenizer
+
+    @property
+    def eos_ids(self) -> list[int]:
+        self.tokenizer  # noqa: B018  (loads it)
+        return self._eos_ids
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    @property
+    def model(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            dtype = self._dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+            self._model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device)
+            self._model.eval()
+        return self._model
 
     def _generation_config(self, decoding: DecodingSpec):
         from transformers import GenerationConfig
@@ -233,12 +258,18 @@ class HFBackend:
     def _strip(self, tokens: list[int]) -> list[int]:
         """Generated ids up to (not including) the first eos; padding after it dropped."""
         for j, t in enumerate(tokens):
-            if t in self._eos:
+            if t in self._eos:  # set when the tokenizer loaded
                 return tokens[:j]
         return tokens
 
     def close(self) -> None:
-        self.model = None
+        """Drop the weights (and the CUDA cache); the backend reloads them if used again."""
+        if self._model is not None:
+            self._model = None
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 class VLLMBackend:

@@ -172,6 +172,9 @@ def test_evaluate_records_and_cache(tiny_model, problems, tmp_path):
     again = evaluate(tiny_model, suite, problems=problems[:5], cache_dir=cache, progress=False)
     assert again.cache_hit and again.records == first.records and again.key == first.key
     assert again.seconds < first.seconds / 2
+    lazy = HFBackend(tiny_model, progress=False)  # a reused backend: a hit never loads the weights
+    assert evaluate(tiny_model, suite, backend=lazy, problems=problems[:5], cache_dir=cache).cache_hit
+    assert lazy._model is None
 
     # anything that changes the answers changes the key: problems, decoding, template, backend
     other = evaluate(tiny_model, suite, problems=problems[:4], cache_dir=cache, progress=False)
