@@ -1,21 +1,27 @@
 """Step time and optimizer-state memory of MAST top-k (k = 8) against full-parameter unlearning.
 
 A randomly initialised model with Qwen2 shapes (default: hidden 1024, 16 layers, GQA 16/4
-heads, MLP 4096, vocab 32k, tied embeddings: ~0.28B parameters) runs the engine's own
-`mast.unlearn.train_step` (NPO + retain NLL, the default spec) in three settings, in one
-process, on the same batches:
+heads, MLP 4096, vocab 32k, tied embeddings: 276M parameters) runs the engine's own
+`mast.unlearn.train_step` (NPO + retain NLL, the default spec) in four settings on the same
+batches, measured in one process and interleaved round by round (so a busy, shared CPU
+slows every setting alike):
 
 - ``full``: every parameter trains (the baseline);
 - ``top8 random``: 8 attention projections drawn with a seed (what the `random` rule picks);
-- ``top8 low``: 8 attention projections including layer 0 (worst case for top-k: the
-  backward pass has to reach the first layer).
+- ``top8 low``: the 8 projections of layers 0-1 (worst case: backward reaches layer 0);
+- ``top8 high``: the 8 projections of the last two layers (best case).
 
-It prints, per setting, the median step time, the AdamW state (bytes), the trainable
-parameter count, and the ratios to ``full``. Optimizer state for k = 4, 8, 16 shows the state
-grows with the selected parameters (∝ k for same-shaped tensors).
+Autograd stops the backward pass at the lowest trainable tensor and computes weight
+gradients for the trainable tensors only, and AdamW touches only them, so a top-k step
+costs forward + activation-gradient backward down to that layer, against forward + full
+backward + an optimizer pass over every parameter for ``full``.
 
-    .venv/bin/python benchmarks/unlearn.py                    # CPU defaults (a few minutes)
-    .venv/bin/python benchmarks/unlearn.py --device cuda --layers 24 --hidden 1536 --seq 512 --batch 4
+It prints, per setting, median wall and CPU (process) seconds per step, the AdamW state
+(bytes) and the ratios to ``full``; then the AdamW state for k = 4, 8, 16 (8 bytes per
+selected parameter: it grows with k).
+
+    .venv/bin/python benchmarks/unlearn.py                    # CPU defaults (~4 min idle, ~10 min on a busy 2-core box)
+    .venv/bin/python benchmarks/unlearn.py --device cuda --layers 28 --hidden 1536 --seq 512 --batch 4
 """
 
 from __future__ import annotations
@@ -72,32 +78,50 @@ def batches(args, device, n):
     return out
 
 
-def measure(args, chosen, device, data):
+def settings(names: list[str], k: int) -> dict[str, list[str] | None]:
+    top_random = sorted(random.Random(0).sample(names, k), key=names.index)
+    return {"full": None, f"top{k} random": top_random, f"top{k} low": names[:k], f"top{k} high": names[-k:]}
+
+
+def measure(args, device, data) -> dict:
+    """One model; each setting has its own trainable set and AdamW; settings alternate per round."""
     model = build(args)
     names = [n for n, _ in model.named_parameters() if n.split(".")[-2] in ATTN and n.endswith("weight")]
     use_amp = device.type == "cuda"
-    trainable = trainable_parameters(model, selection(names, chosen))
-    prepare_model(model, trainable, device, use_amp, gradient_checkpointing=use_amp)
+    sets = settings(names, args.k)
+    everything = trainable_parameters(model, selection(names, None))
+    prepare_model(model, everything, device, use_amp, gradient_checkpointing=use_amp)
     spec = UnlearnSpec(objective="npo", retain="nll", lr=1e-5, batch_size=args.batch)
-    params = list(trainable.values())
-    opt, sched = make_optimizer(params, spec)
-    times = []
-    for step in range(1, args.warmup + args.steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        train_step(model, opt, sched, params, spec, [data[(step - 1) % len(data)]], step, "nll", None, use_amp)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step > args.warmup:
-            times.append(time.perf_counter() - t)
-    res = {"n_params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params),
-           "state_bytes": optimizer_state_bytes(opt), "step_s": statistics.median(times), "times": times}
-    del model, opt, sched, trainable, params
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return res
+    runs = {}
+    for name, chosen in sets.items():
+        tr = trainable_parameters(model, selection(names, chosen))
+        params = list(tr.values())
+        opt, sched = make_optimizer(params, spec)
+        runs[name] = {"params": params, "opt": opt, "sched": sched, "wall": [], "cpu": [], "chosen": chosen}
+    order = list(runs)
+    for rnd in range(args.warmup + args.steps):
+        for name in order[rnd % len(order):] + order[: rnd % len(order)]:  # rotate who goes first
+            r = runs[name]
+            model.zero_grad(set_to_none=True)
+            model.requires_grad_(False)
+            for p in r["params"]:
+                p.requires_grad_(True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            w, c = time.perf_counter(), time.process_time()
+            train_step(model, r["opt"], r["sched"], r["params"], spec, [data[rnd % len(data)]], rnd + 1, "nll",
+                       None, use_amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rnd >= args.warmup:
+                r["wall"].append(time.perf_counter() - w)
+                r["cpu"].append(time.process_time() - c)
+    out = {}
+    for name, r in runs.items():
+        out[name] = {"trainable": sum(p.numel() for p in r["params"]), "state_bytes": optimizer_state_bytes(r["opt"]),
+                     "wall": statistics.median(r["wall"]), "cpu": statistics.median(r["cpu"]),
+                     "walls": r["wall"], "chosen": r["chosen"]}
+    return out
 
 
 def main() -> None:
@@ -108,7 +132,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting (median reported)")
@@ -122,51 +146,47 @@ def main() -> None:
 
     probe = build(args)
     names = [n for n, _ in probe.named_parameters() if n.split(".")[-2] in ATTN and n.endswith("weight")]
-    shapes = {n: tuple(p.shape) for n, p in probe.named_parameters()}
     total = sum(p.numel() for p in probe.parameters())
     del probe
-    rng = random.Random(0)
-    top_random = sorted(rng.sample(names, args.k), key=names.index)
-    top_low = names[: args.k]  # layers 0-1: every backward pass reaches the embeddings' output
+    gc.collect()
     print(f"model: Qwen2 hidden {args.hidden}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, "
-          f"MLP {args.intermediate}, vocab {args.vocab}: {total / 1e6:.1f}M parameters; batch {args.batch} x "
-          f"{args.seq} tokens (half completion); NPO + retain NLL; device {device}, threads {torch.get_num_threads()}")
-    print(f"top{args.k} random: {', '.join(n.removeprefix('model.layers.').removesuffix('.weight') for n in top_random)}")
-
+          f"MLP {args.intermediate}, vocab {args.vocab}: {total / 1e6:.1f}M parameters; per step {args.batch} forget + "
+          f"{args.batch} retain texts x {args.seq} tokens (half completion); NPO + retain NLL; device {device}, "
+          f"threads {torch.get_num_threads()}; {args.steps} timed rounds after {args.warmup} warm-up")
     data = batches(args, device, 4)
-    runs = {
-        "full": measure(args, None, device, data),
-        f"top{args.k} random": measure(args, top_random, device, data),
-        f"top{args.k} low (layer 0-1)": measure(args, top_low, device, data),
-    }
+    runs = measure(args, device, data)
+    short = ", ".join(n.removeprefix("model.layers.").removesuffix(".weight").replace("self_attn.", "")
+                      for n in runs[f"top{args.k} random"]["chosen"])
+    print(f"top{args.k} random = {short}")
     base = runs["full"]
-    print(f"\n{'setting':<24}{'trainable':>14}{'AdamW state':>14}{'step (median)':>16}{'state ratio':>14}"
-          f"{'speed-up':>11}")
+    print(f"\n{'setting':<16}{'trainable':>11}{'AdamW state':>15}{'wall/step':>11}{'CPU/step':>10}"
+          f"{'state ratio':>13}{'speed-up wall':>15}{'speed-up CPU':>14}")
     for name, r in runs.items():
-        print(f"{name:<24}{r['trainable'] / 1e6:>13.2f}M{r['state_bytes'] / 2**20:>12.1f}MiB{r['step_s']:>15.3f}s"
-              f"{r['state_bytes'] / base['state_bytes']:>14.4f}{base['step_s'] / r['step_s']:>10.2f}x")
-    print("  (step times of each setting: " + "; ".join(
-        f"{n}: {', '.join(f'{t:.3f}' for t in r['times'])}" for n, r in runs.items()) + ")")
+        print(f"{name:<16}{r['trainable'] / 1e6:>10.2f}M{r['state_bytes'] / 2**20:>12.1f}MiB{r['wall']:>10.2f}s"
+              f"{r['cpu']:>9.2f}s{r['state_bytes'] / base['state_bytes']:>13.4f}{base['wall'] / r['wall']:>14.2f}x"
+              f"{base['cpu'] / r['cpu']:>13.2f}x")
+    print("  wall seconds per round: " + "; ".join(
+        f"{n}: {', '.join(f'{t:.2f}' for t in r['walls'])}" for n, r in runs.items()))
 
-    # optimizer state vs k: exactly 8 bytes per selected parameter (+ 4 per tensor for `step`)
-    print("\nAdamW state vs k (same seed order of random attention tensors; q/o are larger than k/v):")
-    order = names[:]
-    random.Random(0).shuffle(order)
+    # optimizer state vs k: 8 bytes per selected parameter (+ 4 per tensor for AdamW's `step`)
+    print("\nAdamW state vs k (q_proj tensors of the first k layers, all the same shape):")
+    model = build(args)
+    q_names = [n for n in names if ".q_proj." in n]
     for k in (4, 8, 16):
-        sel = order[:k]
-        n_sel = sum(torch.Size(shapes[n]).numel() for n in sel)
-        model = build(args)
-        tr = trainable_parameters(model, selection(names, sel))
-        prepare_model(model, tr, torch.device("cpu"), False, False)
-        opt, sched = make_optimizer(list(tr.values()), UnlearnSpec())
-        for p in tr.values():  # materialise AdamW's state without a forward pass
-            p.grad = torch.zeros_like(p)
+        tr = trainable_parameters(model, selection(names, q_names[:k]))
+        model.requires_grad_(False)
+        for p in tr.values():
+            p.requires_grad_(True)
+            p.grad = torch.zeros_like(p)  # materialise AdamW's state without a forward pass
+        opt, _ = make_optimizer(list(tr.values()), UnlearnSpec())
         opt.step()
+        n_sel = sum(p.numel() for p in tr.values())
         b = optimizer_state_bytes(opt)
         print(f"  k={k:<3} selected {n_sel / 1e6:6.2f}M params  state {b / 2**20:7.2f} MiB  "
               f"bytes/param {b / n_sel:.4f}  vs full {b / base['state_bytes']:.4f}")
-        del model, opt, tr
-        gc.collect()
+        for p in tr.values():
+            p.grad = None
+        del opt, tr
 
 
 if __name__ == "__main__":
