@@ -83,6 +83,9 @@ class UnlearnDiverged(RuntimeError):
         self.step = step
         self.message = message
 
+    def __reduce__(self):  # picklable with its fields (Ray ships exceptions between processes)
+        return (type(self), (self.step, self.message))
+
 
 # --------------------------------------------------------------------------- selection
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,8 @@ def test_divergence_stops_cleanly_with_the_step(tiny_model, problems, tmp_path):
     assert 1 < err.value.step <= 6
     assert f"step {err.value.step}" in str(err.value)
     assert isinstance(err.value, RuntimeError)
+    again = pickle.loads(pickle.dumps(err.value))
+    assert (again.step, again.message) == (err.value.step, err.value.message)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
