@@ -262,7 +262,8 @@ def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: floa
 
     # spectral statistics first: a shape mismatch fails before any forward pass
     sft_spec = spectral_stats(base, reference, rho, cache_dir, patterns, device=device, progress=progress)
-    rl_spec = spectral_stats(reference, target, rho, cache_dir, patterns, device=device, progress=progress)
+    rl_spec = spectral_stats(reference, target, rho, cache_dir, patterns, device=device, progress=progress,
+                             curves=True)
 
     lp = {role: completion_logprobs(d, tok, forget, template, max_length, batch_size, device,
                                     desc=f"log-probs ({role})", progress=progress) for role, d in dirs.items()}

@@ -91,46 +91,62 @@ def update_magnitude(W, D) -> float:
 
 @dataclass
 class Subspace:
-    """Top singular triplets of W: U (m x R), S (R), V (n x R); `sq` all squared singular values, descending."""
+    """Top singular triplets of W: U (m x R), S (R), V (n x R); `sq` all squared singular values
+    (descending) when the spectrum was asked for, else None."""
 
     U: object
     S: object
     V: object
     sq: object
-    method: str  # "exact", "fast", or "fast->exact" (the fast path did not certify and fell back)
-    refinements: int = 0
+    method: str  # "exact", "fast", or "fast->exact" (the fast path did not converge and fell back)
+    iterations: int = 0
 
     def transposed(self) -> Subspace:
-        return Subspace(self.V, self.S, self.U, self.sq, self.method, self.refinements)
+        return Subspace(self.V, self.S, self.U, self.sq, self.method, self.iterations)
 
 
 def _exact_subspace(W, R: int, method: str = "exact") -> Subspace:
     torch = _torch()
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     return Subspace(U[:, :R], S[:R], Vh[:R].T, S * S, method)
 
 
-def principal_subspace(
-    W, ranks: int | Sequence[int], method: str = "fast", oversample: int | None = None,
-    angle_tol: float = 1e-4, max_refine: int = 3,
-) -> Subspace:
-    """Top-R singular subspace of W (R = max(ranks)), in float64.
+def _ritz(Q, W, R: int):
+    """Rayleigh-Ritz on span(Q): B = Q^T W, B B^T = Z diag(l) Z^T; U = Q Z, S = sqrt(l), V = B^T Z / S."""
+    torch = _torch()
+    B = Q.T @ W
+    lam, Z = torch.linalg.eigh(B @ B.T)
+    lam, Z = lam.flip(0).clamp_min(0), Z.flip(1)
+    s = lam[:R].sqrt()
+    V = (B.T @ Z[:, :R]) / torch.where(s > 0, s, torch.ones_like(s))
+    return Q @ Z[:, :R], s, V, lam
 
-    exact: full SVD. fast (the smaller side m <= n; W^T otherwise): the Gram matrix
-    A = W W^T (m x m) in float32, its eigendecomposition (all eigenvalues give the spectrum;
-    the top b = R + p eigenvectors, p = max(R, 16), a basis Q), then Rayleigh-Ritz in float64:
-    SVD of Q^T W gives U = Q U_b, S, V. Certificate: for each requested r, the residual
-    ||W V_r - U_r S_r||_F <= angle_tol * (s_r - s_{r+1}) (Wedin: bounds sin of the angle to
-    the exact top-r subspace); otherwise up to `max_refine` float64 subspace iterations
-    Q <- orth(W W^T Q), then the exact SVD. With |dE| <= 2 (sin t_U + sin t_V), the default
-    angle_tol keeps the energy within 4e-4 of the exact value.
+
+def principal_subspace(
+    W, ranks: int | Sequence[int], method: str = "fast", D=None, spectrum: bool = False,
+    oversample: int | None = None, tol: float = 1e-4, min_iter: int = 2, max_iter: int = 24, seed: int = 0,
+) -> Subspace:
+    """Top-R singular subspace of W (R = max(ranks)).
+
+    exact: float64 full SVD. fast (on the smaller side m <= n, W^T otherwise; float32): subspace
+    iteration on the Gram matrix A = W W^T (m x m, one product; each step Q <- orth(A Q) costs
+    2 m^2 b, half a power step on W, and converges like two: by (s_{b+1}/s_r)^2), from a seeded
+    Gaussian start of b = R + p columns, p = max(R, 16); then Rayleigh-Ritz against W itself (the
+    b x b eigenproblem of B B^T, B = Q^T W) for U, S, V. Stopping rule, checked every second
+    step: with D given, the change of the off-principal energies of D since the last check times
+    g / (1 - g), g = (l_b / l_r)^2 the (conservative) contraction over two steps, is <= tol (the
+    a-posteriori error of a geometric sequence); without D, the same on the top-R Ritz values.
+    No convergence by `max_iter` steps: the exact SVD answers (method "fast->exact").
+    `spectrum=True` also returns all squared singular values (eigvalsh of A; costs about as
+    much as the rest of the fast path).
     """
     torch = _torch()
     ranks = [ranks] if isinstance(ranks, int) else list(ranks)
-    W = W.double()
     m, n = W.shape
     if m > n:
-        return principal_subspace(W.T, ranks, method, oversample, angle_tol, max_refine).transposed()
+        Dt = None if D is None else D.T
+        sub = principal_subspace(W.T, ranks, method, Dt, spectrum, oversample, tol, min_iter, max_iter, seed)
+        return sub.transposed()
     k = m
     ranks = sorted({max(1, min(k, int(r))) for r in ranks})
     R = ranks[-1]
@@ -140,34 +156,38 @@ def principal_subspace(
     if method == "exact" or b >= k:
         return _exact_subspace(W, R)
     W32 = W.float()
-    lam, Q = torch.linalg.eigh(W32 @ W32.T)  # ascending
-    sq = lam.flip(0).clamp_min(0).double()
-    Qb = torch.linalg.qr(Q.flip(1)[:, :b].double()).Q
-    for it in range(max_refine + 1):
-        if it:
-            Qb = torch.linalg.qr(W @ (W.T @ Qb)).Q
-        Ub, s, Vh = torch.linalg.svd(Qb.T @ W, full_matrices=False)
-        U, V = Qb @ Ub[:, :R], Vh[:R].T
-        resid = (W @ V - U * s[:R]).square()
-        col = resid.sum(0).cumsum(0)  # ||residual of the first r columns||^2
-        ok = all(
-            float(s[r - 1] - s[r]) > 0 and math.sqrt(float(col[r - 1])) <= angle_tol * float(s[r - 1] - s[r])
-            for r in ranks
-        )
-        if ok:
-            sq = sq.clone()
-            sq[:b] = s * s
-            return Subspace(U, s[:R], V, sq, "fast", it)
+    D32 = None if D is None else D.float()
+    A = W32 @ W32.T
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Q = torch.linalg.qr(A @ torch.randn(k, b, generator=gen).to(device=A.device)).Q
+    prev = None
+    for it in range(1, max_iter + 1):
+        Q = torch.linalg.qr(A @ Q).Q
+        if it < min_iter or (it - min_iter) % 2:
+            continue
+        U, s, V, lam = _ritz(Q, W32, R)
+        if D32 is not None:
+            cur = torch.tensor(energy_at_ranks(Subspace(U, s, V, None, "fast"), D32, ranks))
+        else:
+            cur = lam[:R] / lam[0].clamp_min(1e-30)
+        if prev is not None:
+            g = max(float(lam[b - 1] / lam[r - 1]) ** 2 if lam[r - 1] > 0 else 1.0 for r in ranks)
+            change = float((cur - prev).abs().max())
+            est = change * g / (1 - g) if g < 1 else math.inf  # no spectral gap at b: nothing to certify
+            if est <= tol:
+                sq = torch.linalg.eigvalsh(A).flip(0).clamp_min(0).double() if spectrum else None
+                return Subspace(U, s, V, sq, "fast", it)
+        prev = cur
     return _exact_subspace(W, R, "fast->exact")
 
 
 def energy_at_ranks(sub: Subspace, D, ranks: Sequence[int]) -> list[float]:
     """Off-principal energy 1 - ||U_r^T D V_r||^2 / ||D||^2 for each r (0 when D = 0)."""
-    D = D.double()
-    d2 = float(D.square().sum())
+    D = D.to(sub.U.dtype)
+    d2 = float(D.double().square().sum())
     if d2 == 0.0:
         return [0.0 for _ in ranks]
-    M = sub.U.T @ D @ sub.V
+    M = (sub.U.T @ D @ sub.V).double()
     C = M.square().cumsum(0).cumsum(1)
     return [min(1.0, max(0.0, 1.0 - float(C[r - 1, r - 1]) / d2)) for r in ranks]
 
@@ -177,7 +197,7 @@ def off_principal_energy(W, D, rho: float, method: str = "fast") -> float:
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     r = rank_for(rho, W.shape)
-    return energy_at_ranks(principal_subspace(W, [r], method), D, [r])[0]
+    return energy_at_ranks(principal_subspace(W, [r], method, D=D), D, [r])[0]
 
 
 def energy_curve(sq, total: float | None = None, points: int = CURVE_POINTS) -> list[float]:
@@ -219,21 +239,23 @@ def rank_percentiles(values: Sequence[float]) -> np.ndarray:
 # =========================================================================== spectral statistics (cached)
 
 
-def _spectral_key(ref_fp: str, tgt_fp: str, rho: float, patterns: Sequence[str], method: str) -> str:
+def _spectral_key(ref_fp: str, tgt_fp: str, rho: float, patterns: Sequence[str], method: str, curves: bool) -> str:
     return stable_hash({"v": SPECTRAL_VERSION, "reference": ref_fp, "target": tgt_fp, "rho": float(rho),
-                        "patterns": list(patterns), "method": method})
+                        "patterns": list(patterns), "method": method, "curves": bool(curves)})
 
 
 def spectral_stats_multi(
     reference: str | os.PathLike, target: str | os.PathLike, rhos: Iterable[float],
     cache_dir: str | os.PathLike | None = None, patterns: Sequence[str] = DEFAULT_PATTERNS,
-    method: str = "fast", device: str | None = None, progress: bool = True,
+    method: str = "fast", device: str | None = None, progress: bool = True, curves: bool = False,
 ) -> dict[float, dict]:
     """Spectral statistics for several rho at once (one subspace per tensor, at the largest r).
 
     Each rho gets its own cache file `cache_root(cache_dir)/spectral/<hash>.json`, keyed by
     the fingerprints of both checkpoints, rho, the candidate patterns and the method, so a
     sweep's prepare step can fill the cache for every rho of its grid in one pass.
+    `curves=True` adds each tensor's energy curve (the full spectrum of W: a diagnostic that
+    costs the fast path about as much again; `select` does not need it).
     """
     torch = _torch()
     rhos = sorted({float(r) for r in rhos})
@@ -247,7 +269,7 @@ def spectral_stats_multi(
     patterns = list(patterns)
     ref_fp, tgt_fp = fingerprint_model(reference), fingerprint_model(target)
     folder = cache_root(cache_dir) / "spectral"
-    paths = {rho: folder / f"{_spectral_key(ref_fp, tgt_fp, rho, patterns, method)}.json" for rho in rhos}
+    paths = {rho: folder / f"{_spectral_key(ref_fp, tgt_fp, rho, patterns, method, curves)}.json" for rho in rhos}
     out: dict[float, dict] = {}
     for rho, path in paths.items():
         if path.is_file():
@@ -272,16 +294,16 @@ def spectral_stats_multi(
         if W.dim() != 2:
             raise InputError(f"{reference}: candidate {c.name} is not a matrix (shape {list(W.shape)})")
         ranks = [rank_for(rho, W.shape) for rho in todo]
-        sub = principal_subspace(W, ranks, method)
+        sub = principal_subspace(W, ranks, method, D=D, spectrum=curves)
         energies = energy_at_ranks(sub, D, ranks)
         norm_w = float(torch.linalg.vector_norm(W))
         norm_d = float(torch.linalg.vector_norm(D))
-        curve = energy_curve(sub.sq, total=norm_w**2)
+        curve = energy_curve(sub.sq, total=norm_w**2) if curves else None
         for rho, r, e in zip(todo, ranks, energies, strict=True):
             rows[rho].append({
                 "name": c.name, "shape": list(c.shape), "norm_w": norm_w, "norm_d": norm_d,
                 "update_magnitude": update_magnitude(W, D), "off_principal_energy": e, "r": r,
-                "method": sub.method, "refinements": sub.refinements, "energy_curve": curve,
+                "method": sub.method, "iterations": sub.iterations, "energy_curve": curve,
             })
         del W, D, sub
     seconds = time.perf_counter() - t0
@@ -300,15 +322,17 @@ def spectral_stats_multi(
 def spectral_stats(
     reference: str | os.PathLike, target: str | os.PathLike, rho: float = 0.05,
     cache_dir: str | os.PathLike | None = None, patterns: Sequence[str] = DEFAULT_PATTERNS,
-    method: str = "fast", device: str | None = None, progress: bool = True,
+    method: str = "fast", device: str | None = None, progress: bool = True, curves: bool = False,
 ) -> dict:
-    """Per candidate: update magnitude, off-principal energy at rho, energy curve; cached on disk.
+    """Per candidate: update magnitude, off-principal energy at rho (and energy curve); cached on disk.
 
     Trial-independent (a function of the two checkpoints, rho and the patterns only), so a
     sweep computes it once. Returns {"candidates": [{"name", "shape", "norm_w", "norm_d",
-    "update_magnitude", "off_principal_energy", "r", "energy_curve", ...}], "cache_hit", ...}.
+    "update_magnitude", "off_principal_energy", "r", "energy_curve" (None unless `curves`), ...}],
+    "cache_hit", ...}.
     """
-    return spectral_stats_multi(reference, target, [rho], cache_dir, patterns, method, device, progress)[float(rho)]
+    return spectral_stats_multi(reference, target, [rho], cache_dir, patterns, method, device, progress,
+                                curves)[float(rho)]
 
 
 # =========================================================================== forget-gradient coupling (cached)

@@ -62,7 +62,7 @@ def test_increment_in_principal_subspace_has_zero_energy(method, shape):
     r = rank_for(0.1, W.shape)
     X = torch.randn(r, r, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     D = U[:, :r] @ X @ V[:, :r].T
-    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(0.0, abs=1e-9)
+    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("method", ["exact", "fast"])
@@ -73,10 +73,10 @@ def test_increment_in_orthogonal_complement_has_unit_energy(method, shape):
     r = rank_for(0.1, W.shape)
     g = torch.Generator().manual_seed(2)
     D = U[:, r:] @ torch.randn(m - r, n - r, generator=g, dtype=torch.float64) @ V[:, r:].T
-    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(1.0, abs=1e-9)
+    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(1.0, abs=1e-6)
     # one-sided: left factor inside the subspace, right factor outside -> U_r^T D V_r = 0 too
     D1 = U[:, :r] @ torch.randn(r, n - r, generator=g, dtype=torch.float64) @ V[:, r:].T
-    assert off_principal_energy(W, D1, 0.1, method) == pytest.approx(1.0, abs=1e-9)
+    assert off_principal_energy(W, D1, 0.1, method) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_mixed_increment_energy_is_the_off_subspace_share():
@@ -86,7 +86,7 @@ def test_mixed_increment_energy_is_the_off_subspace_share():
     outside = U[:, r : 2 * r] @ V[:, r : 2 * r].T  # ||.||^2 = r, orthogonal to `inside`
     D = inside + 3.0 * outside
     assert off_principal_energy(W, D, 0.1, "exact") == pytest.approx(9.0 / 10.0, abs=1e-12)
-    assert off_principal_energy(W, D, 0.1, "fast") == pytest.approx(9.0 / 10.0, abs=1e-9)
+    assert off_principal_energy(W, D, 0.1, "fast") == pytest.approx(9.0 / 10.0, abs=1e-6)  # float32 path
 
 
 def test_update_magnitude_is_exact():
@@ -101,34 +101,41 @@ def test_update_magnitude_is_exact():
 
 @pytest.mark.parametrize("shape", [(240, 160), (160, 240), (48, 320)])
 def test_fast_path_matches_exact_svd(shape):
-    """The Gram + Rayleigh-Ritz path certifies itself (no fallback) and agrees with the full SVD."""
+    """Gram subspace iteration + Rayleigh-Ritz converges (no fallback) and agrees with the full SVD."""
     W, _, _ = planted(*shape, decay=0.8, seed=4)
     g = torch.Generator().manual_seed(5)
     ranks = [rank_for(rho, shape) for rho in (0.02, 0.05, 0.1)]
-    fast = principal_subspace(W, ranks, "fast")
     exact = principal_subspace(W, ranks, "exact")
+    fast = principal_subspace(W, ranks, "fast", spectrum=True)
     assert fast.method == "fast"
-    assert torch.allclose(fast.S, exact.S, rtol=1e-9)
+    assert torch.allclose(fast.S.double(), exact.S, rtol=1e-4)
     # the spectrum (for the energy curve) agrees too
     assert np.allclose(energy_curve(fast.sq), energy_curve(exact.sq), atol=1e-5)
-    for _ in range(3):
-        # a low-rank increment plus noise, like an RLVR update on top of bf16 rounding
-        D = 1e-2 * torch.randn(shape[0], 4, generator=g, dtype=torch.float64) @ torch.randn(
-            4, shape[1], generator=g, dtype=torch.float64) + 1e-4 * torch.randn(*shape, generator=g, dtype=torch.float64)
-        e_fast, e_exact = energy_at_ranks(fast, D, ranks), energy_at_ranks(exact, D, ranks)
-        assert np.max(np.abs(np.subtract(e_fast, e_exact))) <= 1e-3
-    # the worst case for a subspace error: D concentrated on the singular pair just inside / outside r
     U, _, Vh = torch.linalg.svd(W)
-    for r in ranks:
-        D = U[:, r - 1 : r + 1] @ torch.tensor([[1.0, 0.3], [0.2, 1.0]], dtype=torch.float64) @ Vh[r - 1 : r + 1]
-        assert abs(energy_at_ranks(fast, D, [r])[0] - energy_at_ranks(exact, D, [r])[0]) <= 1e-3
+    increments = [
+        # low-rank increments plus noise, like an RLVR update on top of bf16 rounding
+        1e-2 * torch.randn(shape[0], 4, generator=g, dtype=torch.float64) @ torch.randn(
+            4, shape[1], generator=g, dtype=torch.float64) + 1e-4 * torch.randn(*shape, generator=g, dtype=torch.float64)
+        for _ in range(3)
+    ] + [
+        # the worst case for a subspace error: D concentrated on the singular pair just inside / outside r
+        U[:, r - 1 : r + 1] @ torch.tensor([[1.0, 0.3], [0.2, 1.0]], dtype=torch.float64) @ Vh[r - 1 : r + 1]
+        for r in ranks
+    ]
+    for D in increments:
+        sub = principal_subspace(W, ranks, "fast", D=D)
+        assert sub.method == "fast"
+        e_fast, e_exact = energy_at_ranks(sub, D, ranks), energy_at_ranks(exact, D, ranks)
+        assert np.max(np.abs(np.subtract(e_fast, e_exact))) <= 1e-3
 
 
 def test_fast_path_falls_back_when_the_subspace_is_not_determined():
-    """Equal singular values: no gap at r, no certificate, so the exact SVD answers."""
-    Q = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(6), dtype=torch.float64)).Q
-    sub = principal_subspace(Q, [3], "fast")
-    assert sub.method == "fast->exact"
+    """Equal singular values: no gap, the energies do not settle, so the exact SVD answers."""
+    g = torch.Generator().manual_seed(6)
+    Q = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64)).Q
+    D = torch.randn(50, 50, generator=g, dtype=torch.float64)
+    # the energies of D keep changing from check to check (the top-3 subspace is arbitrary)
+    assert principal_subspace(Q, [3], "fast", D=D).method == "fast->exact"
 
 
 def test_energy_curve_is_monotone_and_reaches_one():
