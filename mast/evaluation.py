@@ -279,7 +279,7 @@ class VLLMBackend:
     parameters to a temporary JSON; the worker builds ``vllm.LLM(model=..., seed=...,
     tensor_parallel_size=..., gpu_memory_utilization=...)`` and ``SamplingParams(temperature,
     top_p, max_tokens, n, seed, stop, stop_token_ids)``, runs ``llm.generate`` (outputs come
-    back in request order) and writes ``[[text, ...], ...]``. The process exits afterwards,
+    back in request order) and writes texts + generated-token counts. The process exits afterwards,
     which is what reliably frees vLLM's GPU memory.
     """
 
@@ -518,7 +518,13 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
     try:
         prompts = [_format(gen.tokenizer, p["prompt"], suite.template) for p in problems]
         prompt_ids = encode_prompts(gen.tokenizer, prompts)
-        texts, counts = _generate_counted(gen, prompt_ids, decoding)
+        # one generation call for the evaluation and the probe's non-empty prefixes (one vLLM
+        # process, full batches); an empty prefix (p = 0) reuses the evaluation's own response
+        items = probe_items(problems, prompts, probe) if probe else []
+        extra = [it for it in items if it[2]]
+        texts, counts = _generate_counted(gen, prompt_ids + encode_prompts(gen.tokenizer, [it[3] for it in extra]),
+                                          decoding)
+        texts, probe_texts, counts = texts[:len(problems)], texts[len(problems):], counts[:len(problems)]
         responses = [t[0] for t in texts]  # the first completion is the scored one (n=1 by default)
         graded = _grade(problems, responses, suite.grader)
         records = []
@@ -535,7 +541,12 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
             if decoding.n > 1:
                 rec["responses"] = texts_i
             records.append(rec)
-        probe_res = prefix_recovery(gen, problems, prompts, suite, probe) if probe else None
+        probe_res = None
+        if probe:
+            it_extra = iter(probe_texts)
+            by_id = dict(zip((p["id"] for p in problems), responses))
+            conts = [next(it_extra)[0] if it[2] else by_id[it[1]["id"]] for it in items]
+            probe_res = score_probe(problems, items, conts, suite, probe)
     finally:
         if owned:
             gen.close()
@@ -576,20 +587,31 @@ def prefix_recovery(gen, problems: list[dict], prompts: list[str], suite: SuiteS
     A model that only hides the skill recovers with short prefixes; one that lost it does not.
     Returns ``{"fractions", "accuracy", "accuracy_continuation", "n", "correct": {p: [ids]}, "cut"}``.
     """
+    items = probe_items(problems, prompts, probe)
+    texts = gen.generate_ids(encode_prompts(gen.tokenizer, [it[3] for it in items]), suite.decoding)
+    return score_probe(problems, items, [t[0] for t in texts], suite, probe)
+
+
+def probe_items(problems: list[dict], prompts: list[str], probe: ProbeSpec) -> list[tuple]:
+    """(fraction, problem, prefix, input text) for every fraction (outer) and problem (inner)."""
     missing = [p["id"] for p in problems if not p.get("solution")]
     if missing:
-        raise InputError(f"{suite.name}: probe needs a 'solution' for every problem; missing for {missing[:5]}")
-    inputs, meta = [], []
+        raise InputError(f"probe needs a 'solution' for every problem; missing for {missing[:5]}")
+    items = []
     for p_frac in probe.fractions:
         for prob, prompt in zip(problems, prompts):
             prefix = solution_prefix(prob["solution"], p_frac)
-            inputs.append(prompt + prefix)
-            meta.append((prob, prefix))
-    texts = gen.generate_ids(encode_prompts(gen.tokenizer, inputs), suite.decoding)
-    conts = [t[0] for t in texts]
-    probs = [m[0] for m in meta]
-    graded = _grade(probs, [prefix + c for (_, prefix), c in zip(meta, conts)], suite.grader)
-    graded_cont = _grade(probs, conts, suite.grader)
+            items.append((p_frac, prob, prefix, prompt + prefix))
+    return items
+
+
+def score_probe(problems: list[dict], items: list[tuple], continuations: list[str], suite: SuiteSpec,
+                probe: ProbeSpec) -> dict:
+    """Grade prefix + continuation and the continuation alone; per fraction, #correct / N."""
+    probs = [it[1] for it in items]
+    graded = _grade(probs + probs, [it[2] + c for it, c in zip(items, continuations)] + continuations,
+                    suite.grader)
+    graded, graded_cont = graded[:len(items)], graded[len(items):]
     n = len(problems)
     acc, acc_cont, correct = [], [], {}
     for j, p_frac in enumerate(probe.fractions):

@@ -17,6 +17,7 @@ from mast.evaluation import (
     encode_prompts,
     evaluate,
     load_suite_problems,
+    prefix_recovery,
     solution_prefix,
     truncate_at_stop,
 )
@@ -131,9 +132,10 @@ class OracleBackend:
     def __init__(self, real, problems, template="qwen_boxed"):
         self.tokenizer = real.tokenizer
         self.by_prompt = {format_prompt(real.tokenizer, p["prompt"], template): p for p in problems}
-        self.calls = []
+        self.calls, self.generate_calls = [], []
 
     def generate_ids(self, prompt_ids, decoding):
+        self.generate_calls.append(len(prompt_ids))
         out = []
         for ids in prompt_ids:
             text = self.tokenizer.decode(ids)
@@ -235,10 +237,11 @@ def test_probe_feeds_prefixes_and_grades_prefix_plus_continuation(backend, probl
     assert res.probe["accuracy_continuation"] == [0.5, 0.5, 0.5]
     assert res.probe["accuracy"][0] == 0.5
     assert all(a >= c for a, c in zip(res.probe["accuracy"], res.probe["accuracy_continuation"]))
-    # the probe inputs are prompt + the whitespace-cut prefix
+    # one generation call: the 4 prompts, then prompt + the whitespace-cut prefix for p > 0
+    # (p = 0 reuses the evaluation's responses)
     probe_calls = oracle.calls[4:]
-    assert len(probe_calls) == 3 * 4
-    for j, frac in enumerate([0.0, 0.5, 0.75]):
+    assert len(oracle.calls) == 4 + 2 * 4 and len(oracle.generate_calls) == 1
+    for j, frac in enumerate([0.5, 0.75]):
         for i, p in enumerate(probs):
             assert probe_calls[j * 4 + i].endswith(format_prompt(backend.tokenizer, p["prompt"], "qwen_boxed")
                                                    + solution_prefix(p["solution"], frac))
@@ -252,6 +255,10 @@ def test_probe_on_real_model(tiny_model, problems, tmp_path):
     assert res.probe["fractions"] == [0.0, 0.25, 0.5, 0.75]
     assert len(res.probe["accuracy"]) == 4 and all(0.0 <= a <= 1.0 for a in res.probe["accuracy"])
     assert res.probe["accuracy"][0] == res.accuracy  # p = 0 is the plain evaluation
+    be = HFBackend(tiny_model, progress=False)  # standalone probe, separate generation: same curve
+    probs = problems[:3]
+    alone = prefix_recovery(be, probs, _prompts(be.tokenizer, probs), suite, ProbeSpec())
+    assert alone == res.probe
 
 
 # --------------------------------------------------------------------------- CLI
