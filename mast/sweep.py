@@ -96,7 +96,7 @@ class Grid:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:g}"
+        return f"{v:g}".replace("e+", "e")
     return str(v)
 
 

@@ -158,7 +158,11 @@ def test_existing_sweep_needs_resume_and_same_spec(tmp_path, capsys):
 
 @pytest.fixture(scope="session")
 def sweep_toy(request, tmp_path_factory) -> Path:
-    """The toy triple: the shared `toy_dir` fixture when conftest has one, else built here."""
+    """The toy triple: $MAST_TEST_TOY (a finished build), the shared `toy_dir` fixture, or built here."""
+    import os
+
+    if os.environ.get("MAST_TEST_TOY"):
+        return Path(os.environ["MAST_TEST_TOY"])
     try:
         return Path(request.getfixturevalue("toy_dir"))
     except pytest.FixtureLookupError:
@@ -263,8 +267,9 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, sweep_toy, capsys):
 def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, sweep_toy):
     """SIGKILL the driver after its first trial finished; --resume completes the rest, once each.
 
-    Half of the grid diverges (lr 1e30): those trials are retried per FailureConfig, then recorded
-    as failed with their error; the sweep goes on.
+    Half of the grid diverges (full-parameter updates at lr 1e30, no clipping: NaN at step 2):
+    those trials are retried per FailureConfig, then recorded as failed with their error; the
+    sweep goes on.
     """
     import os
     import signal
@@ -273,7 +278,7 @@ def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, sw
     import time
 
     out = tmp_path / "sweep"
-    spec = _toy_spec(sweep_toy, "killed", {"lr": [1e-3, 1e30], "seed": [0, 1]},
+    spec = _toy_spec(sweep_toy, "killed", {"rule": ["full"], "lr": [1e-3, 1e30], "seed": [0, 1]},
                      resources={"cpu": 1, "max_concurrent": 1, "max_failures": 1})
     spec["unlearning"]["max_grad_norm"] = None
     p = _write(tmp_path, spec)
