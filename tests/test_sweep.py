@@ -153,6 +153,41 @@ def test_existing_sweep_needs_resume_and_same_spec(tmp_path, capsys):
     assert code == 2 and "spec changed" in err
 
 
+# --------------------------------------------------------------------------- prepare (MATH path, tiny models)
+
+
+def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
+    """Splits are disjoint; the target is evaluated once per suite; a second prepare reuses it all."""
+    from mast.files import read_jsonl
+    from mast.sweep import prepare
+
+    reference, target = tiny_pair
+    spec = _spec(models={"reference": str(reference), "target": str(target)},
+                 data={"forget_size": 4, "retain_size": 3, "retain_train_size": 2, "split_seed": 1},
+                 selection={"max_length": 512},
+                 evaluation={"suites": ["gsm8k", "retain", "forget"], "limits": {"gsm8k": 2},
+                             "template": "boxed_user", "decoding": {"max_tokens": 4}, "batch_size": 8})
+    out = tmp_path / "sweep"
+    got = prepare(spec, out, str(data_dir))
+    assert got["evaluations"] == {"forget": 1, "retain": 1, "gsm8k": 1}
+    assert list(got["suites"]) == ["forget", "gsm8k", "retain"]  # forget (the scheduler's metric) first
+    assert all(s["template"] == "boxed_user" and s["decoding"]["max_tokens"] == 4 for s in got["suites"].values())
+    p = out / "prepared"
+    forget, retain_texts = read_jsonl(p / "forget.jsonl"), read_jsonl(p / "retain.jsonl")
+    retain_suite = read_jsonl(p / "suites" / "retain.jsonl")
+    assert [len(forget), len(retain_texts), len(retain_suite)] == [4, 2, 3]
+    ids = [x["id"] for x in forget + retain_texts + retain_suite]
+    assert len(set(ids)) == len(ids)  # three disjoint draws
+    assert [x["id"] for x in read_jsonl(p / "suites" / "forget.jsonl")] == [x["id"] for x in forget]
+    assert len(read_jsonl(p / "baseline" / "gsm8k.jsonl")) == 2
+    assert {q.parent.name for q in (p / "selection_cache").rglob("*.json")} >= {"spectral", "coupling"}
+    again = prepare(spec, out, str(data_dir))
+    assert again["evaluations"] == {"forget": 0, "retain": 0, "gsm8k": 0} and again["key"] == got["key"]
+    changed = _spec(**{**spec.model_dump(), "data": {**spec.data.model_dump(), "split_seed": 2}})
+    with pytest.raises(InputError, match="inputs changed since it started"):
+        prepare(changed, out, str(data_dir))
+
+
 # --------------------------------------------------------------------------- slow: real Ray + MLflow on the toy
 
 
