@@ -591,7 +591,7 @@ def run_trial(config: dict, ctx: dict) -> None:
 def _report_metrics(row: dict, cached: bool = False) -> dict:
     from mast.tracking import trial_metrics
 
-    return {**trial_metrics(row), "trial_id": row["trial_id"], "cached": cached,
+    return {**trial_metrics(row), "mast_trial_id": row["trial_id"], "cached": cached,
             "n_suites": len(row.get("suites") or {})}
 
 
