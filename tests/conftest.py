@@ -75,3 +75,21 @@ def problems() -> list[dict]:
         rows.append({"id": f"p{i}", "prompt": f"What is {a} + {b}?",
                      "solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}.", "answer": str(a + b)})
     return rows
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    """The toy base -> SFT -> RLVR triple, built once per test session (minutes on a CPU).
+
+    Set MAST_TOY to a finished `mast toy` build to reuse it instead.
+    """
+    import os
+
+    from mast.toy import build_toy, is_finished
+
+    env = os.environ.get("MAST_TOY")
+    if env and is_finished(env, seed=0):
+        return Path(env)
+    out = tmp_path_factory.mktemp("toy") / "toy"
+    build_toy(out, seed=0)
+    return out

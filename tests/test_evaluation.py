@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
@@ -290,19 +289,6 @@ def test_cli_eval_writes_results_probe_and_hits_cache(tiny_model, problems, tmp_
 
 
 # --------------------------------------------------------------------------- toy (slow) and vLLM (gpu)
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    """A finished toy build: $MAST_TOY if it is one, else built here (minutes on a CPU)."""
-    from mast.toy import build_toy, is_finished
-
-    env = os.environ.get("MAST_TOY")
-    if env and is_finished(env, json.loads((Path(env) / "toy_summary.json").read_text())["seed"]):
-        return Path(env)
-    out = tmp_path_factory.mktemp("toy") / "toy"
-    build_toy(out, seed=0)
-    return out
 
 
 @pytest.mark.slow
