@@ -191,23 +191,6 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
 # --------------------------------------------------------------------------- slow: real Ray + MLflow on the toy
 
 
-@pytest.fixture(scope="session")
-def sweep_toy(request, tmp_path_factory) -> Path:
-    """The toy triple: $MAST_TEST_TOY (a finished build), the shared `toy_dir` fixture, or built here."""
-    import os
-
-    if os.environ.get("MAST_TEST_TOY"):
-        return Path(os.environ["MAST_TEST_TOY"])
-    try:
-        return Path(request.getfixturevalue("toy_dir"))
-    except pytest.FixtureLookupError:
-        from mast.toy import build_toy
-
-        out = tmp_path_factory.mktemp("sweep_toy") / "toy"
-        build_toy(out, seed=0)
-        return out
-
-
 def _toy_spec(toy: Path, name: str, grid: dict, **over) -> dict:
     spec = {
         "name": name,
@@ -233,14 +216,14 @@ def _child_runs(uri: str, exp_id: str):
 
 
 @pytest.mark.slow
-def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, sweep_toy, capsys):
+def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
     import ray
 
     from mast.stats import seed_level_table
     from mast.sweep import run_sweep
 
     out = tmp_path / "sweep"
-    spec = _write(tmp_path, _toy_spec(sweep_toy, "small", {"rule": ["mast", "full"], "seed": [0, 1]}))
+    spec = _write(tmp_path, _toy_spec(toy_dir, "small", {"rule": ["mast", "full"], "seed": [0, 1]}))
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     try:
         meta = run_sweep(spec, out=out)
@@ -299,7 +282,7 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, sweep_toy, capsys):
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, sweep_toy):
+def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, toy_dir):
     """SIGKILL the driver after its first trial finished; --resume completes the rest, once each.
 
     Half of the grid diverges (full-parameter updates at lr 1e30, no clipping: NaN at step 2):
@@ -313,7 +296,7 @@ def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, sw
     import time
 
     out = tmp_path / "sweep"
-    spec = _toy_spec(sweep_toy, "killed", {"rule": ["full"], "lr": [1e-3, 1e30], "seed": [0, 1]},
+    spec = _toy_spec(toy_dir, "killed", {"rule": ["full"], "lr": [1e-3, 1e30], "seed": [0, 1]},
                      resources={"cpu": 1, "max_concurrent": 1, "max_failures": 1})
     spec["unlearning"]["max_grad_norm"] = None
     p = _write(tmp_path, spec)
