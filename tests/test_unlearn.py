@@ -246,3 +246,38 @@ def test_gpu_bf16_checkpoint_keeps_frozen_bits_and_dtype(tiny_model, problems, t
         assert torch.equal(before[n], after[n]) == (n not in SELECTED), n
     model = apply_delta(bf16, res.out_dir / DELTA_FILE)
     assert all(torch.equal(model.state_dict()[n], after[n]) for n in after)
+
+
+# --------------------------------------------------------------------------- the toy (slow)
+
+# Toy unlearning settings (also the values for the demo sweep spec); see the issue note for the grid.
+TOY_K = 8
+TOY_SPEC = {"objective": "npo", "lr": 1e-3, "steps": 30, "batch_size": 8, "retain": "nll", "alpha": 1.0,
+            "max_length": 128, "seed": 0}
+
+
+@pytest.mark.slow
+def test_toy_mast_topk_npo_forgets_the_forget_skill_and_keeps_the_retain_skill(toy_dir, tmp_path):
+    from mast.config import SelectionSpec, load_suite
+    from mast.evaluation import evaluate
+    from mast.files import read_jsonl
+    from mast.selection import select
+
+    toy = toy_dir
+
+    forget, retain = read_jsonl(toy / "data" / "forget.jsonl"), read_jsonl(toy / "data" / "retain.jsonl")
+    suites = {n: load_suite(toy / "suites" / f"{n}.yaml") for n in ("forget", "retain")}
+
+    def acc(model_dir):
+        return {n: evaluate(model_dir, s, backend="hf", use_cache=False, progress=False).accuracy
+                for n, s in suites.items()}
+
+    sel = select(toy / "sft", toy / "rlvr", forget, SelectionSpec(rule="mast", k=TOY_K), progress=False)
+    res = unlearn(toy / "rlvr", sel, forget, retain, UnlearnSpec(**TOY_SPEC), tmp_path / "u", progress=False)
+    before, after = acc(toy / "rlvr"), acc(res.out_dir)
+    print(f"toy accuracy before {before} after {after}; selected {res.manifest['selection']['selected']}")
+    assert before["forget"] >= 0.2, f"toy target too weak to test unlearning: {before}"
+    assert after["forget"] <= before["forget"] - 0.1
+    assert after["retain"] >= before["retain"] - 0.05
+    changed = set(res.manifest["changed_tensors"])
+    assert changed == {c["name"] for c in sel["candidates"] if c["selected"]}
