@@ -19,10 +19,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# A second `make demo` resumes (and so finishes or re-reports) the sweep instead of refusing it.
 demo: install
-	$(BIN)/mast sweep sweeps/demo.yaml --data-dir $(DATA_DIR)
+	@if [ -f runs/demo/sweep.json ]; then \
+	  $(BIN)/mast sweep sweeps/demo.yaml --data-dir $(DATA_DIR) --out runs/demo --resume; \
+	else \
+	  $(BIN)/mast sweep sweeps/demo.yaml --data-dir $(DATA_DIR) --out runs/demo; \
+	fi
 	$(BIN)/mast report runs/demo --out runs/demo/report
-	@echo "Report: runs/demo/report/report.html   MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db"
+	@echo
+	@echo "Report:    $(CURDIR)/runs/demo/report/report.html  (and report.md)"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo/mlflow.db  -> http://127.0.0.1:5000"
 
 test: install
 	$(BIN)/python -m pytest -q
