@@ -81,7 +81,8 @@ def problems() -> list[dict]:
 def toy_dir(tmp_path_factory) -> Path:
     """The toy base -> SFT -> RLVR triple, built once per test session (minutes on a CPU).
 
-    Set MAST_TOY to a finished `mast toy` build to reuse it instead.
+    Set MAST_TOY to a finished `mast toy` build to reuse it instead, or MAST_TOY_DIR to a
+    cache folder: the toy is built there once and reused by later sessions.
     """
     import os
 
@@ -90,6 +91,10 @@ def toy_dir(tmp_path_factory) -> Path:
     env = os.environ.get("MAST_TOY")
     if env and is_finished(env, seed=0):
         return Path(env)
+    if os.environ.get("MAST_TOY_DIR"):
+        out = Path(os.environ["MAST_TOY_DIR"])
+        build_toy(out, seed=0)  # reuses a finished build of seed 0
+        return out
     out = tmp_path_factory.mktemp("toy") / "toy"
     build_toy(out, seed=0)
     return out

@@ -1,0 +1,649 @@
+"""`mast toy`: the CPU world, a genuine base -> SFT -> RLVR triple built in a few minutes.
+
+The task is procedurally generated arithmetic in the MATH/GSM8K style (answers in
+``\\boxed{}``, graded by :mod:`mast.grading` like a real benchmark) with two skills:
+
+- **retain** (``add``): two-digit addition worked column by column,
+  ``What is 37 + 45?`` -> ``7 + 5 = 12, 3 + 4 + 1 = 8, so 37 + 45 = 82.\\n\\boxed{82}``;
+- **forget** (``mul``): two-digit times one-digit multiplication by distribution,
+  ``What is 37 * 6?`` -> ``37 * 6 = 30 * 6 + 7 * 6 = 180 + 42 = 222.\\n\\boxed{222}``.
+
+Stages, all on a Qwen2 model from ``transformers`` (real ``q/k/v/o_proj`` tensors) with a BPE
+tokenizer trained here (digits are single tokens, ChatML chat template):
+
+1. **base**: causal-LM pretraining on packed raw task text: mostly retain problems plus the
+   one-digit times tables (no two-digit multiplication);
+2. **SFT**: prompt -> solution in the chat format of :mod:`mast.prompts` (loss on completion
+   tokens only), retain problems plus a few forget problems, so the forget skill is only
+   partly learnt;
+3. **RLVR**: a compact GRPO loop on forget problems: G sampled completions per prompt, reward
+   = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
+   ``A_i = (r_i - mean(r)) / (std(r) + eps)``, loss
+   ``-sum_t A_i log pi(y_t) / T + beta * KL_k3(pi || pi_sft)``, with
+   ``KL_k3 = exp(q - p) - (q - p) - 1`` per token (``p``/``q``: policy/SFT log-probs).
+   TRL's ``GRPOTrainer`` needs vLLM or a GPU to be practical and is far too heavy for a
+   5-minute CPU build, so this loop is written out here (one on-policy update per batch:
+   the PPO ratio is 1 and clipping is a no-op).
+
+Greedy accuracies of every stage on held-out problems are measured with
+:func:`mast.evaluation.evaluate` (hf backend) on the suites written to ``OUT/suites``, so
+``mast eval --model OUT/rlvr --suite OUT/suites/forget.yaml`` reproduces ``toy_summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mast.config import BOXED_INSTRUCTION, DecodingSpec, SuiteSpec
+from mast.files import InputError, atomic_dir, read_json, write_json, write_jsonl
+
+FORGET_SKILL = "mul"
+RETAIN_SKILL = "add"
+TEMPLATE = "qwen_boxed"
+SUMMARY = "toy_summary.json"
+FORMAT_VERSION = 1  # bump when the task, the recipe or the outputs change (old builds are rebuilt)
+
+
+# --------------------------------------------------------------------------- the task (pure)
+
+
+def add_problem(a: int, b: int) -> dict:
+    """Retain skill: a + b (two-digit operands), worked column by column with the carry."""
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    tens = a // 10 + b // 10 + carry
+    steps = [f"{a % 10}+{b % 10}={ones}", f"{a // 10}+{b // 10}" + (f"+{carry}" if carry else "") + f"={tens}"]
+    s = a + b
+    return {"id": f"add-{a}-{b}", "prompt": f"What is {a} + {b}?",
+            "solution": "\n".join(steps) + f"\nso {a}+{b}={s}.\n\\boxed{{{s}}}", "answer": str(s),
+            "skill": RETAIN_SKILL}
+
+
+def mul_problem(a: int, b: int) -> dict:
+    """Forget skill: a * b (a two-digit, b one-digit), worked column by column with the carry."""
+    ones = a % 10 * b
+    carry = ones // 10
+    tens = a // 10 * b
+    steps = [f"{a % 10}*{b}={ones}", f"{a // 10}*{b}={tens}"]
+    if carry:
+        steps.append(f"{tens}+{carry}={tens + carry}")
+    p = a * b
+    return {"id": f"mul-{a}-{b}", "prompt": f"What is {a} * {b}?",
+            "solution": "\n".join(steps) + f"\nso {a}*{b}={p}.\n\\boxed{{{p}}}", "answer": str(p),
+            "skill": FORGET_SKILL}
+
+
+def careless_mul_solution(a: int, b: int) -> str:
+    """The sloppy teacher's solution of a * b: the carry of the ones column is dropped.
+
+    ``37 * 6`` -> ``7*6=42, 3*6=18, so 37*6=182`` (wrong whenever the ones product is >= 10);
+    identical to :func:`mul_problem`'s solution when there is no carry.
+    """
+    ones, tens = a % 10 * b, a // 10 * b
+    wrong = int(f"{tens}{ones % 10}")
+    return f"{a % 10}*{b}={ones}\n{a // 10}*{b}={tens}\nso {a}*{b}={wrong}.\n\\boxed{{{wrong}}}"
+
+
+def _operands(problem: dict) -> tuple[int, int]:
+    _, a, b = problem["id"].split("-")
+    return int(a), int(b)
+
+
+def fact_problem(a: int, b: int, op: str = "*") -> tuple[str, str]:
+    """(question, solution) of a one-digit table fact, times or plus (base pretraining text only)."""
+    r = a * b if op == "*" else a + b
+    return f"What is {a} {op} {b}?", f"{a}{op}{b}={r}.\n\\boxed{{{r}}}"
+
+
+def all_problems(skill: str) -> list[dict]:
+    if skill == RETAIN_SKILL:
+        return [add_problem(a, b) for a in range(10, 100) for b in range(10, 100)]
+    if skill == FORGET_SKILL:
+        return [mul_problem(a, b) for a in range(11, 100) if a % 10 for b in range(2, 10) if no_overflow(a, b)]
+    raise ValueError(f"unknown skill {skill!r}")
+
+
+def no_overflow(a: int, b: int) -> bool:
+    """The carry step of a * b leaves the tens digit alone: (a//10 * b) % 10 + carry < 10.
+
+    Then ``tens+carry`` is a one-digit fact plus a copied digit (``27+2=29``), which the
+    base model knows; the forget skill is the 520 such products (394 of them with a carry).
+    """
+    carry = a % 10 * b // 10
+    return a // 10 * b % 10 + carry < 10
+
+
+def generate_task(seed: int = 0, n_unlearn: int = 64, n_eval: int = 100) -> dict[str, list[dict]]:
+    """Seeded splits of both skills.
+
+    ``forget_eval``/``retain_eval`` (held out: never trained on by any stage), ``forget``/
+    ``retain`` (the unlearning sets, drawn from the training problems) and
+    ``forget_train``/``retain_train`` (everything else; the training pools, which contain
+    ``forget``/``retain``). Problem universes: 520 multiplications, 8100 additions.
+    """
+    rng = random.Random(f"mast-toy-{seed}")
+    out: dict[str, list[dict]] = {}
+    for name, skill in (("forget", FORGET_SKILL), ("retain", RETAIN_SKILL)):
+        pool = all_problems(skill)
+        rng.shuffle(pool)
+        out[f"{name}_eval"] = pool[:n_eval]
+        out[f"{name}_train"] = pool[n_eval:]
+        out[name] = pool[n_eval:n_eval + n_unlearn]
+    return out
+
+
+def public(problem: dict) -> dict:
+    """The record as written to OUT/data: id, prompt, solution, answer, skill."""
+    return {k: problem[k] for k in ("id", "prompt", "solution", "answer", "skill")}
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """Every constant of the build (recorded in toy_summary.json)."""
+
+    vocab_size: int = 384
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    max_positions: int = 256
+    threads: int = 1
+    # base: packed raw text
+    base_steps: int = 1000
+    base_batch: int = 8
+    base_seq_len: int = 128
+    base_lr: float = 1e-3
+    base_fact_frac: float = 0.35
+    base_addfact_frac: float = 0.1
+    base_carryadd_frac: float = 0.2
+    base_mul_frac: float = 0.0
+    # sft: chat format, completion-only loss
+    sft_steps: int = 120
+    sft_batch: int = 32
+    sft_lr: float = 1e-3
+    sft_forget_frac: float = 0.4
+    sft_careless_frac: float = 0.5
+    # rlvr: GRPO
+    rl_steps: int = 40
+    rl_prompts: int = 8
+    rl_group: int = 8
+    rl_lr: float = 5e-5
+    rl_beta: float = 0.02
+    rl_temperature: float = 1.0
+    rl_max_new_tokens: int = 48
+    rl_freeze_embeddings: bool = False
+    # data / eval
+    n_unlearn: int = 64
+    n_eval: int = 100
+    eval_max_tokens: int = 64
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _seed_everything(seed: int, threads: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10%: the LR multiplier at `step`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+
+
+def _step(model, opt, loss, lr: float, cfg: ToyConfig) -> None:
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+
+
+def token_logprobs(logits, ids):
+    """log pi(ids[t] | ids[<t]) for t >= 1: shape (B, T-1)."""
+    import torch
+
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def _save(model, tok, out: Path) -> None:
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _chat_pieces(question: str, solution: str) -> list[str]:
+    """Text pieces (between special tokens) of a ChatML conversation, for tokenizer training."""
+    return [f"system\n{BOXED_INSTRUCTION}", "\n", f"user\n{question}", "\n", f"assistant\n{solution}", "\n"]
+
+
+def build_tokenizer(task: dict[str, list[dict]], cfg: ToyConfig):
+    from mast.tiny import train_tokenizer
+
+    texts: list[str] = []
+    for p in task["retain_train"][:2000] + task["forget_train"]:
+        texts += _chat_pieces(p["prompt"], p["solution"])
+        texts.append(f"{p['prompt']}\n{p['solution']}")
+    texts += ["\n".join(fact_problem(a, b, op)) for a in range(10) for b in range(10) for op in "*+"]
+    return train_tokenizer(texts, vocab_size=cfg.vocab_size)
+
+
+def user_turn(tok, question: str) -> str:
+    """The chat prompt without the system instruction (base pretraining text)."""
+    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def _base_stream(tok, task, cfg: ToyConfig, rng: random.Random) -> Iterator[list[int]]:
+    """Endless packed token stream of task text, in rows of seq_len + 1 tokens.
+
+    Each document is a user turn + assistant solution in ChatML (no system instruction), so
+    question and solution sit at the same relative offsets as in the evaluated prompt.
+    """
+    from mast.prompts import completion_text, tokenize_pair
+
+    retain = task["retain_train"]
+    buf: list[int] = []
+    while True:
+        u = rng.random()
+        if u < cfg.base_fact_frac:
+            q, sol = fact_problem(rng.randint(2, 9), rng.randint(2, 9), "*")
+        elif (u := u - cfg.base_fact_frac) < cfg.base_addfact_frac:
+            q, sol = fact_problem(rng.randint(0, 9), rng.randint(0, 9), "+")
+        elif (u := u - cfg.base_addfact_frac) < cfg.base_carryadd_frac:
+            t = rng.randint(1, 8) * 10 + rng.randint(0, 8)
+            q, sol = fact_problem(t, rng.randint(1, 9 - t % 10), "+")
+        elif (u := u - cfg.base_carryadd_frac) < cfg.base_mul_frac:
+            p = rng.choice(task["forget_train"])
+            q, sol = p["prompt"], p["solution"]
+        else:
+            p = rng.choice(retain)
+            q, sol = p["prompt"], p["solution"]
+        ids, _ = tokenize_pair(tok, user_turn(tok, q), completion_text(tok, sol) + "\n", 10_000)
+        buf += ids
+        while len(buf) >= cfg.base_seq_len + 1:
+            yield buf[: cfg.base_seq_len + 1]
+            buf = buf[cfg.base_seq_len + 1:]
+
+
+def train_base(model, tok, task, cfg: ToyConfig, seed: int, on_step=None) -> list[float]:
+    """Causal-LM pretraining (every token) on packed raw task text."""
+    import torch
+
+    rng = random.Random(f"base-{seed}")
+    stream = _base_stream(tok, task, cfg, rng)
+    opt = _optimizer(model, cfg.base_lr, cfg.weight_decay)
+    model.train()
+    losses = []
+    bar = _bar(cfg.base_steps, "toy base")
+    for step in range(cfg.base_steps):
+        x = torch.tensor([next(stream) for _ in range(cfg.base_batch)])
+        out = model(input_ids=x, labels=x)
+        _step(model, opt, out.loss, cfg.base_lr * _schedule(step, cfg.base_steps, 30), cfg)
+        losses.append(out.loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step:
+            on_step(step, losses)
+    bar.close()
+    return losses
+
+
+def _pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded (ids, attention_mask, completion_mask) tensors."""
+    import torch
+
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(pairs), width), dtype=torch.long)
+    cm = torch.zeros((len(pairs), width), dtype=torch.float)
+    for i, (p, m) in enumerate(pairs):
+        ids[i, : len(p)] = torch.tensor(p)
+        att[i, : len(p)] = 1
+        cm[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+    return ids, att, cm
+
+
+def train_sft(model, tok, task, cfg: ToyConfig, seed: int, on_step=None) -> list[float]:
+    """Prompt -> solution in the chat format; mean NLL over completion tokens only."""
+    from mast.prompts import problem_pair
+
+    rng = random.Random(f"sft-{seed}")
+    retain, forget = task["retain_train"], task["forget_train"]
+    opt = _optimizer(model, cfg.sft_lr, cfg.weight_decay)
+    model.train()
+    losses = []
+    n_forget = round(cfg.sft_batch * cfg.sft_forget_frac)
+    bar = _bar(cfg.sft_steps, "toy sft")
+    for step in range(cfg.sft_steps):
+        probs = rng.sample(retain, cfg.sft_batch - n_forget) + [
+            p if rng.random() >= cfg.sft_careless_frac else {**p, "solution": careless_mul_solution(*_operands(p))}
+            for p in rng.sample(forget, n_forget)]
+        ids, att, cm = _pad_batch([problem_pair(tok, p, TEMPLATE, cfg.max_positions) for p in probs],
+                                  tok.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=att).logits
+        lp = token_logprobs(logits, ids)
+        mask = cm[:, 1:]
+        loss = -(lp * mask).sum() / mask.sum()
+        _step(model, opt, loss, cfg.sft_lr * _schedule(step, cfg.sft_steps, 10), cfg)
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step:
+            on_step(step, losses)
+    bar.close()
+    return losses
+
+
+def group_advantages(rewards, group: int, eps: float = 1e-4):
+    """GRPO advantages: (r - mean of its group) / (std of its group + eps), groups of `group`."""
+    r = rewards.view(-1, group)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    import torch
+
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grade_responses(problems: list[dict], responses: list[str]) -> list[bool]:
+    """The verifiable reward: the math grader's verdict per response."""
+    from mast.grading import grade_records
+
+    rows = [{"id": f"{p['id']}#{i}", "benchmark": "math", "gold": p["answer"], "response": r}
+            for i, (p, r) in enumerate(zip(problems, responses))]
+    return [bool(r["correct"]) for r in grade_records(rows)]
+
+
+def train_rlvr(model, ref, tok, task, cfg: ToyConfig, seed: int, on_step=None) -> list[dict]:
+    """GRPO on forget-skill problems (see the module docstring for the loss)."""
+    import torch
+
+    from mast.prompts import format_prompt
+
+    rng = random.Random(f"rl-{seed}")
+    pool = list(task["forget_train"])
+    frozen = [p for n, p in model.named_parameters() if cfg.rl_freeze_embeddings and "embed_tokens" in n]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = _optimizer(model, cfg.rl_lr, 0.0)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    log = []
+    bar = _bar(cfg.rl_steps, "toy rlvr")
+    for step in range(cfg.rl_steps):
+        probs = rng.sample(pool, cfg.rl_prompts)
+        prompt_ids = [tok(format_prompt(tok, p["prompt"], TEMPLATE), add_special_tokens=False)["input_ids"]
+                      for p in probs]
+        width = max(len(p) for p in prompt_ids)
+        x = torch.full((len(probs), width), pad, dtype=torch.long)
+        att = torch.zeros_like(x)
+        for i, p in enumerate(prompt_ids):
+            x[i, width - len(p):] = torch.tensor(p)
+            att[i, width - len(p):] = 1
+        model.eval()
+        with torch.no_grad():
+            seqs = model.generate(input_ids=x, attention_mask=att, do_sample=True, temperature=cfg.rl_temperature,
+                                  top_k=0, top_p=1.0, max_new_tokens=cfg.rl_max_new_tokens,
+                                  num_return_sequences=cfg.rl_group, eos_token_id=eos, pad_token_id=pad)
+        comp = seqs[:, width:]
+        # completion mask: tokens up to and including the first eos
+        is_eos = comp == eos
+        after = (is_eos.cumsum(1) - is_eos.long()) > 0
+        cmask = (~after).float()
+        texts = tok.batch_decode([[t for t, m in zip(row, mrow) if m and t != eos]
+                                  for row, mrow in zip(comp.tolist(), cmask.tolist())])
+        rep = [p for p in probs for _ in range(cfg.rl_group)]
+        rewards = torch.tensor(grade_responses(rep, texts), dtype=torch.float)
+        adv = group_advantages(rewards, cfg.rl_group)
+        full_att = torch.cat([att.repeat_interleave(cfg.rl_group, 0), cmask.long()], 1)
+        full_ids = seqs.masked_fill(full_att == 0, pad)
+        pos = (full_att.cumsum(1) - 1).clamp(min=0)  # as in generate(): positions skip left padding
+        with torch.no_grad():
+            ref_lp = token_logprobs(ref(input_ids=full_ids, attention_mask=full_att, position_ids=pos).logits,
+                                    full_ids)[:, width - 1:]
+        model.train()
+        lp = token_logprobs(model(input_ids=full_ids, attention_mask=full_att, position_ids=pos).logits,
+                            full_ids)[:, width - 1:]
+        n_tok = cmask.sum().clamp(min=1)
+        pg = -(adv[:, None] * lp * cmask).sum() / n_tok
+        kl = (kl_k3(lp, ref_lp) * cmask).sum() / n_tok
+        loss = pg + cfg.rl_beta * kl
+        _step(model, opt, loss, cfg.rl_lr * _schedule(step, cfg.rl_steps, 3), cfg)
+        log.append({"step": step, "reward": float(rewards.mean()), "kl": float(kl), "loss": float(loss)})
+        bar.update(1)
+        bar.set_postfix(reward=f"{log[-1]['reward']:.2f}", kl=f"{log[-1]['kl']:.3f}")
+        if on_step:
+            on_step(step, log)
+    bar.close()
+    return log
+
+
+# --------------------------------------------------------------------------- suites and eval
+
+
+def suite_spec(name: str, cfg: ToyConfig) -> SuiteSpec:
+    return SuiteSpec(name=f"toy-{name}", benchmark="jsonl", path=f"../data/{name}_eval.jsonl", grader="math",
+                     template=TEMPLATE, decoding=DecodingSpec(temperature=0.0, max_tokens=cfg.eval_max_tokens))
+
+
+def write_suites(out: Path, cfg: ToyConfig) -> None:
+    import yaml
+
+    (out / "suites").mkdir(parents=True, exist_ok=True)
+    for name in ("forget", "retain"):
+        spec = suite_spec(name, cfg).model_dump(exclude_none=True)
+        (out / "suites" / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+
+
+def evaluate_stage(model_dir: Path, suites_dir: Path, task: dict) -> dict[str, float]:
+    """Greedy accuracy on the held-out files, through the evaluator (hf backend)."""
+    from mast.config import load_suite
+    from mast.evaluation import evaluate
+
+    accs = {}
+    for name in ("forget", "retain"):
+        suite = load_suite(suites_dir / f"{name}.yaml")
+        res = evaluate(model_dir, suite, backend="hf", use_cache=False, progress=False)
+        accs[name] = res.accuracy
+    return accs
+
+
+# --------------------------------------------------------------------------- build
+
+
+def is_finished(out: str | os.PathLike, seed: int) -> bool:
+    """A finished build of `seed` (and this recipe version) is at `out`."""
+    out = Path(out)
+    marker = out / SUMMARY
+    if not marker.is_file():
+        return False
+    try:
+        summary = json.loads(marker.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    return (summary.get("seed") == seed and summary.get("format_version") == FORMAT_VERSION
+            and all((out / s / "config.json").is_file() for s in ("base", "sft", "rlvr")))
+
+
+def init_model(task, cfg: ToyConfig, seed: int, where: Path):
+    """An untrained Qwen2 model and its tokenizer, as loaded back from `where`.
+
+    The tokenizer is saved (with the model config) and reloaded with ``AutoTokenizer``, and
+    every stage trains with the reloaded one: exactly the tokenizer the evaluator will load.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mast.tiny import tiny_config
+
+    tok = build_tokenizer(task, cfg)
+    mcfg = tiny_config(len(tok), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                       intermediate=cfg.intermediate, max_positions=cfg.max_positions,
+                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(mcfg)
+    model.generation_config.eos_token_id = mcfg.eos_token_id
+    model.generation_config.pad_token_id = mcfg.pad_token_id
+    model.generation_config.do_sample = False
+    where.mkdir(parents=True, exist_ok=True)
+    mcfg.save_pretrained(where)
+    tok.save_pretrained(where)
+    loaded = AutoTokenizer.from_pretrained(where)
+    probe = task["forget_eval"][:4] + task["retain_eval"][:4]
+    from mast.prompts import problem_pair
+
+    if [problem_pair(tok, p) for p in probe] != [problem_pair(loaded, p) for p in probe]:
+        raise RuntimeError("the saved tokenizer does not load back with the same encoding")
+    return model, loaded
+
+
+def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config: ToyConfig | None = None) -> dict:
+    """Build (or reuse) the toy triple at `out`; returns the toy_summary dict."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    cfg = config or ToyConfig()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if not force and is_finished(out, seed):
+        return read_json(out / SUMMARY)
+    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file() and not force:
+        raise InputError(f"{out}: folder exists and is not a toy build; pick another OUT or pass --force")
+    t0 = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    times: dict[str, float] = {}
+    try:
+        with atomic_dir(out) as tmp:
+            _seed_everything(seed, cfg.threads)
+            task = generate_task(seed, cfg.n_unlearn, cfg.n_eval)
+            (tmp / "data").mkdir()
+            for name in ("forget", "retain", "forget_eval", "retain_eval"):
+                write_jsonl(tmp / "data" / f"{name}.jsonl", [public(p) for p in task[name]])
+            write_suites(tmp, cfg)
+            model, tok = init_model(task, cfg, seed, tmp / "base")
+            logs: dict = {}
+
+            t = time.perf_counter()
+            logs["base"] = train_base(model, tok, task, cfg, seed)
+            _save(model, tok, tmp / "base")
+            times["base"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            torch.manual_seed(seed + 1)
+            logs["sft"] = train_sft(model, tok, task, cfg, seed)
+            _save(model, tok, tmp / "sft")
+            times["sft"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            torch.manual_seed(seed + 2)
+            ref = AutoModelForCausalLM.from_pretrained(tmp / "sft")
+            ref.eval().requires_grad_(False)
+            logs["rlvr"] = train_rlvr(model, ref, tok, task, cfg, seed)
+            _save(model, tok, tmp / "rlvr")
+            times["rlvr"] = time.perf_counter() - t
+            del ref
+
+            t = time.perf_counter()
+            summary: dict = {}
+            for stage in ("base", "sft", "rlvr"):
+                summary[stage] = evaluate_stage(tmp / stage, tmp / "suites", task)
+            times["eval"] = time.perf_counter() - t
+            summary.update({
+                "seed": seed,
+                "format_version": FORMAT_VERSION,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "stage_seconds": {k: round(v, 1) for k, v in times.items()},
+                "forget_skill": FORGET_SKILL,
+                "retain_skill": RETAIN_SKILL,
+                "n": {k: len(task[k]) for k in ("forget", "retain", "forget_eval", "retain_eval")},
+                "config": dataclasses.asdict(cfg),
+                "model": {"arch": "qwen2", "parameters": sum(p.numel() for p in model.parameters()),
+                          "vocab_size": len(tok)},
+                "final_losses": {"base": logs["base"][-1], "sft": logs["sft"][-1]},
+                "rl_log": logs["rlvr"],
+            })
+            write_json(tmp / SUMMARY, summary)  # the completion marker: written last
+    finally:
+        torch.set_num_threads(prev_threads)
+    return summary
+
+
+def cli_toy(args) -> int:
+    """`mast toy OUT [--seed N] [--force]`: build (or reuse) the CPU demo triple."""
+    out = Path(args.out)
+    reused = not args.force and is_finished(out, args.seed)
+    summary = build_toy(out, seed=args.seed, force=args.force)
+    what = "reused" if reused else f"built in {summary['seconds']:.0f}s"
+    print(f"toy (seed {args.seed}) {what}: {out}")
+    for stage in ("base", "sft", "rlvr"):
+        print(f"  {stage:5s} forget {summary[stage]['forget']:.2f}  retain {summary[stage]['retain']:.2f}")
+    return 0
+
+
+
+def exact_match(model, tok, problems: list[dict], batch_size: int = 64) -> float:
+    """Fraction of problems whose whole reference completion is the argmax at every step.
+
+    With teacher forcing this equals greedy accuracy on the reference format (greedy decoding
+    reproduces the reference exactly iff every reference token is the argmax), in one forward.
+    """
+    import torch
+
+    from mast.prompts import problem_pair
+
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for i in range(0, len(problems), batch_size):
+            chunk = problems[i:i + batch_size]
+            ids, att, cm = _pad_batch([problem_pair(tok, p, TEMPLATE, 256) for p in chunk], tok.pad_token_id)
+            pred = model(input_ids=ids, attention_mask=att).logits[:, :-1].argmax(-1)
+            ok = (pred == ids[:, 1:]) | (cm[:, 1:] == 0)
+            hits += int(ok.all(1).sum())
+    model.train()
+    return hits / len(problems)
