@@ -4,26 +4,33 @@ The task is procedurally generated arithmetic in the MATH/GSM8K style (answers i
 ``\\boxed{}``, graded by :mod:`mast.grading` like a real benchmark) with two skills:
 
 - **retain** (``add``): two-digit addition worked column by column,
-  ``What is 37 + 45?`` -> ``7 + 5 = 12, 3 + 4 + 1 = 8, so 37 + 45 = 82.\\n\\boxed{82}``;
-- **forget** (``mul``): two-digit times one-digit multiplication by distribution,
-  ``What is 37 * 6?`` -> ``37 * 6 = 30 * 6 + 7 * 6 = 180 + 42 = 222.\\n\\boxed{222}``.
+  ``What is 37 + 45?`` -> ``7+5=12 / 3+4+1=8 / so 37+45=82. / \\boxed{82}`` (lines);
+- **forget** (``mul``): two-digit times one-digit multiplication worked column by column,
+  ``What is 37 * 6?`` -> ``7*6=42 / 3*6=18 / 18+4=22 / so 37*6=222. / \\boxed{222}``, over the
+  520 products whose carry step does not overflow the tens digit (:func:`no_overflow`).
 
 Stages, all on a Qwen2 model from ``transformers`` (real ``q/k/v/o_proj`` tensors) with a BPE
-tokenizer trained here (digits are single tokens, ChatML chat template):
+tokenizer trained here (Qwen2's pre-tokenizer: one token per digit; ChatML chat template):
 
-1. **base**: causal-LM pretraining on packed raw task text: mostly retain problems plus the
-   one-digit times tables (no two-digit multiplication);
+1. **base**: causal-LM pretraining on packed task text (user turn + answer in ChatML, no
+   system instruction): two-digit additions and one-digit times/plus tables and ``tens+carry``
+   facts, but no two-digit multiplication;
 2. **SFT**: prompt -> solution in the chat format of :mod:`mast.prompts` (loss on completion
-   tokens only), retain problems plus a few forget problems, so the forget skill is only
-   partly learnt;
+   tokens only), retain problems plus forget problems written by a *sloppy teacher* that drops
+   the carry in half of its multiplications (:func:`careless_mul_solution`), so the SFT model
+   knows the careful method but often skips the carry: partly competent on the forget skill;
 3. **RLVR**: a compact GRPO loop on forget problems: G sampled completions per prompt, reward
    = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
    ``A_i = (r_i - mean(r)) / (std(r) + eps)``, loss
    ``-sum_t A_i log pi(y_t) / T + beta * KL_k3(pi || pi_sft)``, with
    ``KL_k3 = exp(q - p) - (q - p) - 1`` per token (``p``/``q``: policy/SFT log-probs).
-   TRL's ``GRPOTrainer`` needs vLLM or a GPU to be practical and is far too heavy for a
-   5-minute CPU build, so this loop is written out here (one on-policy update per batch:
-   the PPO ratio is 1 and clipping is a no-op).
+   The reward teaches the model to always carry. TRL's ``GRPOTrainer`` (not installed; built
+   for vLLM/GPU generation and large batches) is far too heavy for a few-minute CPU build, so
+   the loop is written out here (one on-policy update per batch: the PPO ratio is 1 and
+   clipping is a no-op).
+
+Training runs on one torch thread (``ToyConfig.threads``) with deterministic algorithms and
+fixed seeds, so the same seed gives the same weights and numbers.
 
 Greedy accuracies of every stage on held-out problems are measured with
 :func:`mast.evaluation.evaluate` (hf backend) on the suites written to ``OUT/suites``, so
@@ -49,7 +56,7 @@ FORGET_SKILL = "mul"
 RETAIN_SKILL = "add"
 TEMPLATE = "qwen_boxed"
 SUMMARY = "toy_summary.json"
-FORMAT_VERSION = 1  # bump when the task, the recipe or the outputs change (old builds are rebuilt)
+FORMAT_VERSION = 2  # bump when the task, the recipe or the outputs change (old builds are rebuilt)
 
 
 # --------------------------------------------------------------------------- the task (pure)
@@ -160,7 +167,7 @@ class ToyConfig:
     intermediate: int = 384
     max_positions: int = 256
     threads: int = 1
-    # base: packed raw text
+    # base: packed task text
     base_steps: int = 1000
     base_batch: int = 8
     base_seq_len: int = 128
@@ -453,7 +460,7 @@ def train_rlvr(model, ref, tok, task, cfg: ToyConfig, seed: int, on_step=None) -
         kl = (kl_k3(lp, ref_lp) * cmask).sum() / n_tok
         loss = pg + cfg.rl_beta * kl
         _step(model, opt, loss, cfg.rl_lr * _schedule(step, cfg.rl_steps, 3), cfg)
-        log.append({"step": step, "reward": float(rewards.mean()), "kl": float(kl), "loss": float(loss)})
+        log.append({"step": step, "reward": rewards.mean().item(), "kl": kl.item(), "loss": loss.item()})
         bar.update(1)
         bar.set_postfix(reward=f"{log[-1]['reward']:.2f}", kl=f"{log[-1]['kl']:.3f}")
         if on_step:
@@ -518,6 +525,7 @@ def init_model(task, cfg: ToyConfig, seed: int, where: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mast.prompts import problem_pair
     from mast.tiny import tiny_config
 
     tok = build_tokenizer(task, cfg)
@@ -534,8 +542,6 @@ def init_model(task, cfg: ToyConfig, seed: int, where: Path):
     tok.save_pretrained(where)
     loaded = AutoTokenizer.from_pretrained(where)
     probe = task["forget_eval"][:4] + task["retain_eval"][:4]
-    from mast.prompts import problem_pair
-
     if [problem_pair(tok, p) for p in probe] != [problem_pair(loaded, p) for p in probe]:
         raise RuntimeError("the saved tokenizer does not load back with the same encoding")
     return model, loaded
