@@ -93,6 +93,10 @@ class TensorStore:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.meta[key][1]
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype as safetensors names it: "BF16", "F16", "F32", ..."""
+        return self.meta[key][0]
+
     def get(self, key: str, dtype=None, device=None):
         """One tensor as a torch tensor (optionally cast and moved)."""
         from safetensors import safe_open

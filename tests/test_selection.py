@@ -31,6 +31,8 @@ from mast.selection import (
 )
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+# exact: float64 SVD; fast: float32 iteration stopped at an estimated error of 5e-4 (contract: 1e-3)
+TOL = {"exact": 1e-9, "fast": 1e-4}
 
 
 def planted(m: int, n: int, decay: float = 0.9, seed: int = 0):
@@ -62,7 +64,7 @@ def test_increment_in_principal_subspace_has_zero_energy(method, shape):
     r = rank_for(0.1, W.shape)
     X = torch.randn(r, r, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     D = U[:, :r] @ X @ V[:, :r].T
-    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(0.0, abs=1e-6)
+    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(0.0, abs=TOL[method])
 
 
 @pytest.mark.parametrize("method", ["exact", "fast"])
@@ -73,10 +75,10 @@ def test_increment_in_orthogonal_complement_has_unit_energy(method, shape):
     r = rank_for(0.1, W.shape)
     g = torch.Generator().manual_seed(2)
     D = U[:, r:] @ torch.randn(m - r, n - r, generator=g, dtype=torch.float64) @ V[:, r:].T
-    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(1.0, abs=1e-6)
+    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(1.0, abs=TOL[method])
     # one-sided: left factor inside the subspace, right factor outside -> U_r^T D V_r = 0 too
     D1 = U[:, :r] @ torch.randn(r, n - r, generator=g, dtype=torch.float64) @ V[:, r:].T
-    assert off_principal_energy(W, D1, 0.1, method) == pytest.approx(1.0, abs=1e-6)
+    assert off_principal_energy(W, D1, 0.1, method) == pytest.approx(1.0, abs=TOL[method])
 
 
 def test_mixed_increment_energy_is_the_off_subspace_share():
@@ -86,7 +88,7 @@ def test_mixed_increment_energy_is_the_off_subspace_share():
     outside = U[:, r : 2 * r] @ V[:, r : 2 * r].T  # ||.||^2 = r, orthogonal to `inside`
     D = inside + 3.0 * outside
     assert off_principal_energy(W, D, 0.1, "exact") == pytest.approx(9.0 / 10.0, abs=1e-12)
-    assert off_principal_energy(W, D, 0.1, "fast") == pytest.approx(9.0 / 10.0, abs=1e-6)  # float32 path
+    assert off_principal_energy(W, D, 0.1, "fast") == pytest.approx(9.0 / 10.0, abs=TOL["fast"])
 
 
 def test_update_magnitude_is_exact():
@@ -108,7 +110,7 @@ def test_fast_path_matches_exact_svd(shape):
     exact = principal_subspace(W, ranks, "exact")
     fast = principal_subspace(W, ranks, "fast", spectrum=True)
     assert fast.method == "fast"
-    assert torch.allclose(fast.S.double(), exact.S, rtol=1e-4)
+    assert torch.allclose(fast.S.double(), exact.S, rtol=1e-3)
     # the spectrum (for the energy curve) agrees too
     assert np.allclose(energy_curve(fast.sq), energy_curve(exact.sq), atol=1e-5)
     U, _, Vh = torch.linalg.svd(W)
