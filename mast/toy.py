@@ -562,6 +562,7 @@ def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config
         raise InputError(f"{out}: folder exists and is not a toy build; pick another OUT or pass --force")
     t0 = time.perf_counter()
     prev_threads = torch.get_num_threads()
+    prev_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     times: dict[str, float] = {}
     try:
         with atomic_dir(out) as tmp:
@@ -616,6 +617,7 @@ def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config
             write_json(tmp / SUMMARY, summary)  # the completion marker: written last
     finally:
         torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det[0], warn_only=prev_det[1])
     return summary
 
 
