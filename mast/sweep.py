@@ -979,7 +979,10 @@ def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None
         table = seed_level_table(rows, suite=None, confidence=spec.evaluation.confidence)
         write_json(sweep_dir / "seed_table.json", table)
     n_ok = sum(r["status"] == "ok" for r in rows)
-    meta.update({"finished": _now(), "n_ok": n_ok, "n_failed": len(rows) - n_ok})
+    not_run = [r["trial_id"] for r in rows if r["error"] == "did not run"]
+    if not_run:
+        _log(f"{len(not_run)} trial(s) did not run (interrupted?): run the same command with --resume")
+    meta.update({"finished": _now(), "n_ok": n_ok, "n_failed": len(rows) - n_ok, "n_not_run": len(not_run)})
     write_json(meta_path, meta)
     report_error = build_report_if_available(sweep_dir)
     if report_error:
