@@ -127,6 +127,11 @@ class UnlearnSpec(Spec):
     gamma: float = 0.0
     retain: Literal["nll", "kl", "none"] = "nll"
     alpha: float = Field(1.0, ge=0.0)
+    # How the retain term is averaged. `token`: mean over retain tokens (the literature's default).
+    # `sequence`: summed per retain text, mean over texts: NPO's scale (its forget loss acts on summed
+    # log-probs, so next to a token mean it outweighs the retain term by ~the completion length).
+    # `match`: `sequence` for npo, `token` for ga / simnpo (one alpha that means the same for all).
+    retain_scale: Literal["token", "sequence", "match"] = "token"
     lr: float = Field(1e-5, gt=0.0)
     steps: int = Field(50, gt=0)
     batch_size: int = Field(4, gt=0)

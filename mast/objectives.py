@@ -17,6 +17,10 @@ Retain terms (minimised, weighted by α in the total ``L_f + α L_r``):
 - ``nll``    ``L = −Σ_i s_i / Σ_i |y_i|``  (mean token NLL)
 - ``kl``     ``L = mean_tokens KL(π_ref(·|ctx) ‖ π_θ(·|ctx))`` over the retain completion tokens.
 
+Both can instead be summed per retain text and averaged over texts (``scale="sequence"``): NPO's
+loss acts on summed log-probs, so next to a token mean its gradient outweighs the retain term
+by about the completion length; ``UnlearnSpec.retain_scale = "match"`` picks that for npo.
+
 Helpers turn logits into the ``s_i``: :func:`token_logprobs` (log-softmax in float32, gathered at
 the targets) and :func:`sequence_logprobs` (shift, mask, sum per sequence).
 """
@@ -128,21 +132,38 @@ def forget_loss(
 # --------------------------------------------------------------------------- retain terms
 
 
-def nll(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Retain NLL: ``L = −Σ_i s_i / Σ_i |y_i|`` (mean token NLL). dL/ds_i = −1 / Σ_j |y_j|."""
+def nll(logp: torch.Tensor, lengths: torch.Tensor, scale: str = "token") -> torch.Tensor:
+    """Retain NLL. ``token``: ``L = −Σ_i s_i / Σ_i |y_i|`` (mean token NLL; dL/ds_i = −1/Σ_j |y_j|).
+
+    ``sequence``: ``L = −(1/N) Σ_i s_i`` (mean over texts of the summed NLL; dL/ds_i = −1/N), the
+    scale of NPO's summed log-probs.
+    """
+    if scale == "sequence":
+        return -logp.sum() / max(logp.numel(), 1)
     return -logp.sum() / lengths.sum().clamp_min(1).to(logp.dtype)
 
 
-def kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """Token-level ``mean_t KL(π_ref ‖ π_θ) = mean_t Σ_v p_ref,tv (log p_ref,tv − log p_θ,tv)``.
+def kl(logits: torch.Tensor, ref_logits: torch.Tensor, n_sequences: int | None = None) -> torch.Tensor:
+    """Token-level ``KL(π_ref ‖ π_θ) = Σ_v p_ref,tv (log p_ref,tv − log p_θ,tv)``, averaged.
 
     `logits` and `ref_logits` are (n_tokens, V) rows at the retain completion positions (what
-    :func:`sequence_logprobs` selects); float32 inside. Gradient wrt θ's logits: (p_θ − p_ref)/n.
+    :func:`sequence_logprobs` selects); float32 inside. Mean over tokens, or with
+    `n_sequences` = N the sum over tokens / N (summed per text, mean over texts). Gradient wrt
+    θ's logits: (p_θ − p_ref) / n_tokens (or / N).
     """
     logq = F.log_softmax(_at_least_f32(logits), dim=-1)
     logp_ref = F.log_softmax(_at_least_f32(ref_logits), dim=-1)
     per_token = (logp_ref.exp() * (logp_ref - logq)).sum(dim=-1)
-    return per_token.mean() if per_token.numel() else logits.sum() * 0.0
+    if not per_token.numel():
+        return logits.sum() * 0.0
+    return per_token.sum() / n_sequences if n_sequences else per_token.mean()
+
+
+def retain_scale_for(objective: str, scale: str) -> str:
+    """Resolve ``match``: ``sequence`` for npo (summed log-probs), ``token`` for ga / simnpo."""
+    if scale == "match":
+        return "sequence" if objective == "npo" else "token"
+    return scale
 
 
 RETAIN_TERMS = ("nll", "kl", "none")

@@ -8,7 +8,7 @@ the same loop: the full-parameter baseline.
 Per optimiser step (``grad_accum`` micro-batches of ``batch_size`` forget texts, and as many
 retain texts when a retain term is on)::
 
-    total = L_f(forget batch) + α · L_r(retain batch),   L_r ∈ {nll, kl}
+    total = L_f(forget batch) + α · L_r(retain batch),   L_r ∈ {nll, kl}  (token or sequence scale)
 
 Texts are ``mast.prompts.problem_pair`` (prompt + solution, prompt tokens masked), right
 padded. ``π_ref`` is the frozen target: for NPO its summed log-probs of every forget text are
@@ -58,7 +58,15 @@ from mast.files import (
     write_json,
     write_jsonl,
 )
-from mast.objectives import NEEDS_REFERENCE, forget_loss, kl, nll, sum_by_sequence, token_logprobs
+from mast.objectives import (
+    NEEDS_REFERENCE,
+    forget_loss,
+    kl,
+    nll,
+    retain_scale_for,
+    sum_by_sequence,
+    token_logprobs,
+)
 from mast.prompts import problem_pair
 
 DELTA_FILE = "delta.safetensors"
@@ -276,6 +284,7 @@ def train_step(model, opt, sched, params: list, spec: UnlearnSpec, micro_batches
     Returns the step's row {"step", "forget", "retain", "total", "lr", "grad_norm"}.
     """
     amp = autocast_for(use_amp)
+    scale = retain_scale_for(spec.objective, spec.retain_scale)
     n = len(micro_batches)
     opt.zero_grad(set_to_none=True)
     lr_now = opt.param_groups[0]["lr"]
@@ -288,12 +297,12 @@ def train_step(model, opt, sched, params: list, spec: UnlearnSpec, micro_batches
             lr_term = None
             if rb is not None and retain_term == "nll":
                 rs, rln, _ = batch_logprobs(model, rb)
-                lr_term = nll(rs, rln)
+                lr_term = nll(rs, rln, scale)
             elif rb is not None and retain_term == "kl":
                 rows, _, _ = completion_logits(model, rb)
                 with torch.inference_mode():
                     ref_rows, _, _ = completion_logits(ref_model, rb)
-                lr_term = kl(rows, ref_rows.clone())
+                lr_term = kl(rows, ref_rows.clone(), rb["input_ids"].shape[0] if scale == "sequence" else None)
             total = lf + spec.alpha * lr_term if lr_term is not None else lf
         for name, v in (("forget", lf), ("retain", lr_term), ("total", total)):
             if v is not None and not _finite(v.detach()):
@@ -429,6 +438,7 @@ def unlearn(
         "objective": spec.objective,
         "beta": spec.effective_beta if spec.objective != "ga" else None,
         "retain_term": retain_term,
+        "retain_scale": retain_scale_for(spec.objective, spec.retain_scale) if retain_term != "none" else None,
         "spec": spec.model_dump(),
         "seed": spec.seed,
         "steps": spec.steps,

@@ -52,6 +52,21 @@ def test_nll_is_minus_ga():
     assert _grad(loss, x) == pytest.approx([-1 / 10] * 3)
 
 
+def test_nll_sequence_scale():
+    x = _leaf(LOGP)
+    loss = nll(x, torch.tensor(LENGTHS), "sequence")
+    assert loss.item() == pytest.approx(9.5 / 3)  # mean over texts of the summed NLL
+    assert _grad(loss, x) == pytest.approx([-1 / 3] * 3)
+
+
+def test_retain_scale_match():
+    from mast.objectives import retain_scale_for
+
+    assert retain_scale_for("npo", "match") == "sequence"
+    assert retain_scale_for("ga", "match") == retain_scale_for("simnpo", "match") == "token"
+    assert retain_scale_for("npo", "token") == "token" and retain_scale_for("ga", "sequence") == "sequence"
+
+
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 def test_npo_value_and_gradient(beta):
     x = _leaf(LOGP)
@@ -148,3 +163,5 @@ def test_kl_value_and_gradient():
     expected = (torch.softmax(zq.detach(), -1) - torch.softmax(zp, -1)) / 2
     assert torch.allclose(g, expected, atol=1e-12)
     assert kl(zp, zp).item() == pytest.approx(0.0, abs=1e-12)
+    # summed per text, mean over texts: the two rows as one text -> sum of the token KLs
+    assert kl(zq, zp, n_sequences=1).item() == pytest.approx(want, rel=1e-9)
