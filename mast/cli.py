@@ -13,6 +13,7 @@ import os
 import sys
 
 from mast.files import InputError
+from mast.registry import TEMPLATE_NAMES
 
 # subcommand -> "module:function"
 HANDLERS = {
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rho", type=float, help="principal-subspace fraction, r = ceil(rho*min(m,n)) (default 0.05)")
     s.add_argument("--seed", type=int, help="seed of the random rule (default 0)")
     s.add_argument("--spec", metavar="YAML", help="a selection spec (weights, candidates); flags override it")
-    s.add_argument("--template", choices=["qwen_boxed", "boxed_user", "plain"], default="qwen_boxed",
+    s.add_argument("--template", choices=TEMPLATE_NAMES, default="qwen_boxed",
                    help="prompt template of the forget texts (coupling signal)")
     s.add_argument("--method", choices=["fast", "exact"], default="fast",
                    help="top-r subspace: Gram eigenproblem + Rayleigh-Ritz (fast) or full SVD (exact)")
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--forget", required=True, metavar="JSONL")
     s.add_argument("--rho", type=float, default=0.05)
     s.add_argument("--threshold", type=float, default=0.1, help="|Δlog-prob| (nats) above which a token counts as moved")
-    s.add_argument("--template", choices=["qwen_boxed", "boxed_user", "plain"], default="qwen_boxed")
+    s.add_argument("--template", choices=TEMPLATE_NAMES, default="qwen_boxed")
     s.add_argument("--max-length", type=int, default=1024)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--cache-dir", metavar="DIR")

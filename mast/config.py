@@ -15,8 +15,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mast.files import InputError
+from mast.registry import (
+    OBJECTIVE_NAMES,
+    RETAIN_SCALES,
+    RETAIN_TERMS,
+    RULE_NAMES,
+    TEMPLATE_NAMES,
+    default_beta,
+)
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+RuleName = Literal[RULE_NAMES]  # type: ignore[valid-type]
+ObjectiveName = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]
+TemplateName = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
 
 
 class Spec(BaseModel):
@@ -67,7 +80,7 @@ class SuiteSpec(Spec):
     split: str = "test"
     path: str | None = None
     grader: Literal["math", "gsm8k"] | None = None
-    template: Literal["qwen_boxed", "boxed_user", "plain"] = "qwen_boxed"
+    template: TemplateName = "qwen_boxed"
     decoding: DecodingSpec = Field(default_factory=DecodingSpec)
     limit: int | None = Field(None, gt=0)
     probe: Literal["prefix_recovery"] | ProbeSpec | None = None
@@ -89,8 +102,6 @@ class SuiteSpec(Spec):
 # --------------------------------------------------------------------------- method
 
 
-RuleName = Literal["mast", "off_principal", "magnitude", "coupling", "random", "attention", "full"]
-ObjectiveName = Literal["ga", "npo", "simnpo"]
 
 
 class SelectionSpec(Spec):
@@ -125,13 +136,13 @@ class UnlearnSpec(Spec):
     objective: ObjectiveName = "npo"
     beta: float | None = Field(None, gt=0.0, description="NPO 0.1, SimNPO 2.5 when unset")
     gamma: float = 0.0
-    retain: Literal["nll", "kl", "none"] = "nll"
+    retain: Literal[RETAIN_TERMS] = "nll"  # type: ignore[valid-type]
     alpha: float = Field(1.0, ge=0.0)
     # How the retain term is averaged. `token`: mean over retain tokens (the literature's default).
     # `sequence`: summed per retain text, mean over texts: NPO's scale (its forget loss acts on summed
     # log-probs, so next to a token mean it outweighs the retain term by ~the completion length).
     # `match`: `sequence` for npo, `token` for ga / simnpo (one alpha that means the same for all).
-    retain_scale: Literal["token", "sequence", "match"] = "token"
+    retain_scale: Literal[RETAIN_SCALES] = "token"  # type: ignore[valid-type]
     lr: float = Field(1e-5, gt=0.0)
     steps: int = Field(50, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -147,9 +158,7 @@ class UnlearnSpec(Spec):
 
     @property
     def effective_beta(self) -> float:
-        if self.beta is not None:
-            return self.beta
-        return {"npo": 0.1, "simnpo": 2.5}.get(self.objective, 0.0)
+        return self.beta if self.beta is not None else default_beta(self.objective)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -205,7 +214,7 @@ class EvaluationSpec(Spec):
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     # prompt template for the sweep's own splits, selection's and unlearning's texts; when set it
     # also overrides every suite's template (a model family needs one prompt format throughout)
-    template: Literal["qwen_boxed", "boxed_user", "plain"] | None = None
+    template: TemplateName | None = None
     limits: dict[str, int] = Field(default_factory=dict, description="suite -> first N problems (quick runs)")
     max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + max_tokens)")
 

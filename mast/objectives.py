@@ -32,8 +32,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-NPO_BETA = 0.1
-SIMNPO_BETA = 2.5
+from mast.registry import OBJECTIVE_FACTS
+
+NPO_BETA = OBJECTIVE_FACTS["npo"].default_beta
+SIMNPO_BETA = OBJECTIVE_FACTS["simnpo"].default_beta
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -106,7 +108,6 @@ def simnpo(logp: torch.Tensor, lengths: torch.Tensor, beta: float = SIMNPO_BETA,
 
 
 OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {"ga": ga, "npo": npo, "simnpo": simnpo}
-NEEDS_REFERENCE = frozenset({"npo"})
 
 
 def forget_loss(
@@ -165,5 +166,3 @@ def retain_scale_for(objective: str, scale: str) -> str:
         return "sequence" if objective == "npo" else "token"
     return scale
 
-
-RETAIN_TERMS = ("nll", "kl", "none")

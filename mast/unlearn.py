@@ -59,7 +59,6 @@ from mast.files import (
     write_jsonl,
 )
 from mast.objectives import (
-    NEEDS_REFERENCE,
     forget_loss,
     kl,
     nll,
@@ -68,6 +67,7 @@ from mast.objectives import (
     token_logprobs,
 )
 from mast.prompts import problem_pair
+from mast.registry import NEEDS_REFERENCE
 
 DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
