@@ -1,31 +1,87 @@
 """The `mast` command line: one subcommand per stage (the contract in ARCHITECTURE.md).
 
 This file only parses arguments. Each subcommand's handler lives beside the code it drives
-(`mast.<module>.cli_<command>(args) -> int`) and is imported on use, so `mast --help` is fast.
+(`mast.<module>.cli_<command>(args) -> int`) and is imported on use (a plain import inside a
+small function per command, so `mast --help` is fast and a broken dependency of a stage is
+an internal error of that stage, like any other).
 Exit status: 0 success, 2 bad input (one line naming the file or field), 1 internal error.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from mast.files import InputError
-from mast.registry import TEMPLATE_NAMES
+from mast.registry import OBJECTIVE_NAMES, RULE_NAMES, TEMPLATE_NAMES
 
-# subcommand -> "module:function"
+
+def _toy(args) -> int:
+    from mast.toy import cli_toy
+
+    return cli_toy(args)
+
+
+def _select(args) -> int:
+    from mast.selection import cli_select
+
+    return cli_select(args)
+
+
+def _diagnose(args) -> int:
+    from mast.diagnostics import cli_diagnose
+
+    return cli_diagnose(args)
+
+
+def _unlearn(args) -> int:
+    from mast.unlearn import cli_unlearn
+
+    return cli_unlearn(args)
+
+
+def _eval(args) -> int:
+    from mast.evaluation import cli_eval
+
+    return cli_eval(args)
+
+
+def _grade(args) -> int:
+    from mast.grading import cli_grade
+
+    return cli_grade(args)
+
+
+def _stats(args) -> int:
+    from mast.stats import cli_stats
+
+    return cli_stats(args)
+
+
+def _sweep(args) -> int:
+    from mast.sweep import cli_sweep
+
+    return cli_sweep(args)
+
+
+def _report(args) -> int:
+    from mast.report import cli_report
+
+    return cli_report(args)
+
+
+# subcommand -> handler (each imports its stage on use)
 HANDLERS = {
-    "toy": "mast.toy:cli_toy",
-    "select": "mast.selection:cli_select",
-    "diagnose": "mast.diagnostics:cli_diagnose",
-    "unlearn": "mast.unlearn:cli_unlearn",
-    "eval": "mast.evaluation:cli_eval",
-    "grade": "mast.grading:cli_grade",
-    "stats": "mast.stats:cli_stats",
-    "sweep": "mast.sweep:cli_sweep",
-    "report": "mast.report:cli_report",
+    "toy": _toy,
+    "select": _select,
+    "diagnose": _diagnose,
+    "unlearn": _unlearn,
+    "eval": _eval,
+    "grade": _grade,
+    "stats": _stats,
+    "sweep": _sweep,
+    "report": _report,
 }
 
 
@@ -50,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, metavar="DIR", help="the RLVR checkpoint")
     s.add_argument("--forget", required=True, metavar="JSONL", help="forget problems (for the coupling signal)")
     # defaults None: unset flags leave the --spec file's (or SelectionSpec's) values alone (mast, 8, 0.05, 0)
-    s.add_argument("--rule", help="mast|off_principal|magnitude|coupling|random|attention|full (default mast)")
+    s.add_argument("--rule", help=f"{'|'.join(RULE_NAMES)} (default mast)")
     s.add_argument("--k", type=int, help="tensors to select (default 8; ignored by attention/full)")
     s.add_argument("--rho", type=float, help="principal-subspace fraction, r = ceil(rho*min(m,n)) (default 0.05)")
     s.add_argument("--seed", type=int, help="seed of the random rule (default 0)")
@@ -80,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--selection", required=True, metavar="SELECTION.json")
     s.add_argument("--forget", required=True, metavar="JSONL")
     s.add_argument("--retain", metavar="JSONL")
-    s.add_argument("--objective", choices=["ga", "npo", "simnpo"])
+    s.add_argument("--objective", choices=OBJECTIVE_NAMES)
     s.add_argument("--steps", type=int)
     s.add_argument("--lr", type=float)
     s.add_argument("--seed", type=int)
@@ -140,14 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module, func = HANDLERS[args.command].split(":")
     try:
-        handler = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError):
-        print(f"mast {args.command}: not available yet in this build ({module}.{func} missing)", file=sys.stderr)
-        return 1
-    try:
-        return int(handler(args) or 0)
+        return int(HANDLERS[args.command](args) or 0)
     except InputError as e:
         print(f"mast {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ that names the file and the field, e.g. ``sweeps/x.yaml: unlearning.steps: must 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -325,3 +326,16 @@ def load_suite(path: str | os.PathLike) -> SuiteSpec:
     if suite.path and not Path(suite.path).is_absolute():
         suite.path = str((Path(path).parent / suite.path).resolve())
     return suite
+
+
+def merge_spec(model: type[S], spec_path: str | os.PathLike | None, args: Any, fields: Sequence[str]) -> S:
+    """A command's spec: the `--spec` file (or `model`'s defaults) with the flags in `fields` on top.
+
+    Flags left unset (None) keep the file's values; the fields the file left unset keep their
+    defaults (so a default that depends on another field, like NPO's β, follows the flags).
+    Errors name the file (alone, or "FILE with the command-line flags") or "command line".
+    """
+    base = load_yaml(spec_path, model).model_dump(exclude_unset=True) if spec_path else {}
+    flags = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    source = f"{spec_path} with the command-line flags" if spec_path and flags else str(spec_path or "command line")
+    return validate(model, {**base, **flags}, source)

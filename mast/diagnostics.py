@@ -18,7 +18,6 @@ deltas), delta_logprob_hist.png, energy_curves.png, off_principal.png.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 from mast.files import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
 from mast.models import DEFAULT_PATTERNS, check_model_dir
-from mast.selection import _check_forget, default_device, forget_batches, spectral_stats
+from mast.selection import _check_forget, default_device, spectral_stats
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 PROJ_COLORS = {"q_proj": "#1f77b4", "k_proj": "#ff7f0e", "v_proj": "#2ca02c", "o_proj": "#d62728"}
@@ -60,11 +59,6 @@ def projection_of(name: str) -> str:
     return parts[-1] if parts else name
 
 
-def layer_of(name: str) -> int | None:
-    m = re.search(r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 # --------------------------------------------------------------------------- model passes
 
 
@@ -77,24 +71,24 @@ def _tokenizer_vocab(model_dir: Path):
 def completion_logprobs(model_dir, tokenizer, forget: Sequence[dict], template: str = "qwen_boxed",
                         max_length: int = 1024, batch_size: int = 8, device: str | None = None,
                         desc: str = "log-probs", progress: bool = True) -> list[np.ndarray]:
-    """Per problem, log p(token) of each solution token under the model in `model_dir` (float32)."""
+    """Per problem, log p(token) of each solution token under the model in `model_dir` (float32 model).
+
+    Scored by :func:`mast.batching.per_token_logprobs`, the log-probs the unlearning loop uses.
+    """
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
+    from mast.batching import encode_problems, in_order, pad_id_of, per_token_logprobs, to_device
+
     dev = device or default_device()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
     model.eval()
+    batches = in_order(encode_problems(tokenizer, forget, template, max_length), batch_size, pad_id_of(tokenizer))
     out: list[np.ndarray] = []
     with torch.no_grad():
-        for ids, att, msk in tqdm(forget_batches(tokenizer, forget, template, max_length, batch_size), desc=desc,
-                                  unit="batch", disable=not progress, file=sys.stderr):
-            ids, att, msk = ids.to(dev), att.to(dev), msk.to(dev)
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            keep = (msk[:, 1:] * att[:, 1:]).bool()
-            for j in range(ids.size(0)):
-                out.append(lp[j][keep[j]].cpu().numpy().astype(np.float64))
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, file=sys.stderr):
+            out += [lp.cpu().numpy().astype(np.float64) for lp in per_token_logprobs(model, to_device(batch, dev))]
     del model
     return out
 

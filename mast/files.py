@@ -114,10 +114,6 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         raise
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def stable_hash(obj: Any) -> str:
     """Content hash of a JSON-serialisable object (key order independent); 16 hex chars."""
     text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))

@@ -21,8 +21,7 @@ Both can instead be summed per retain text and averaged over texts (``scale="seq
 loss acts on summed log-probs, so next to a token mean its gradient outweighs the retain term
 by about the completion length; ``UnlearnSpec.retain_scale = "match"`` picks that for npo.
 
-Helpers turn logits into the ``s_i``: :func:`token_logprobs` (log-softmax in float32, gathered at
-the targets) and :func:`sequence_logprobs` (shift, mask, sum per sequence).
+The ``s_i`` come from :mod:`mast.batching` (one log-prob implementation for every stage).
 """
 
 from __future__ import annotations
@@ -32,51 +31,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mast.registry import OBJECTIVE_FACTS
+from mast.batching import at_least_f32, completion_nll
+from mast.registry import OBJECTIVE_FACTS, default_beta
 
 NPO_BETA = OBJECTIVE_FACTS["npo"].default_beta
 SIMNPO_BETA = OBJECTIVE_FACTS["simnpo"].default_beta
-
-
-# --------------------------------------------------------------------------- log-probs
-
-
-def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 -> float32 (softmax over a vocabulary needs it); float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log softmax(z)[y]`` per row, computed in (at least) float32. logits (..., V), targets (...) -> (...)."""
-    return -F.cross_entropy(_at_least_f32(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(
-        targets.shape
-    )
-
-
-def sequence_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed completion log-probs and completion lengths.
-
-    ``s_i = Σ_{t≥1} m_it · log softmax(z_i,t−1)[x_it]`` and ``|y_i| = Σ_{t≥1} m_it``, where
-    ``z`` are the logits (B, T, V) of a causal LM on ``input_ids`` (B, T) and ``m`` the 0/1
-    completion mask (B, T) from :func:`mast.prompts.tokenize_pair` (padding has m = 0). Only
-    the masked positions go through the log-softmax.
-    """
-    m = completion_mask[:, 1:].bool()
-    rows = logits[:, :-1][m]  # (n_tokens, V)
-    tok = token_logprobs(rows, input_ids[:, 1:][m])
-    return sum_by_sequence(tok, m), m.sum(dim=1)
-
-
-def sum_by_sequence(tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scatter packed per-token values back to (B, T') by the boolean `mask` and sum each row.
-
-    Deterministic on every device (masked assignment, then a row sum; no atomic adds).
-    """
-    full = torch.zeros(mask.shape, dtype=tok.dtype, device=tok.device)
-    full = full.masked_scatter(mask, tok)
-    return full.sum(dim=1)
 
 
 # --------------------------------------------------------------------------- forget objectives
@@ -87,7 +46,7 @@ def ga(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
     dL/ds_i = 1 / Σ_j |y_j|.
     """
-    return logp.sum() / lengths.sum().clamp_min(1).to(logp.dtype)
+    return -completion_nll(logp, lengths)
 
 
 def npo(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = NPO_BETA) -> torch.Tensor:
@@ -107,7 +66,13 @@ def simnpo(logp: torch.Tensor, lengths: torch.Tensor, beta: float = SIMNPO_BETA,
     return -(2.0 / beta) * F.logsigmoid(-beta * logp / lengths - gamma).mean()
 
 
-OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {"ga": ga, "npo": npo, "simnpo": simnpo}
+# The registry forget_loss dispatches on: one uniform signature (logp, lengths, ref_logp, beta, gamma),
+# each entry passing on the arguments its objective takes.
+OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
+    "ga": lambda logp, lengths, ref_logp, beta, gamma: ga(logp, lengths),
+    "npo": lambda logp, lengths, ref_logp, beta, gamma: npo(logp, ref_logp, beta),
+    "simnpo": lambda logp, lengths, ref_logp, beta, gamma: simnpo(logp, lengths, beta, gamma),
+}
 
 
 def forget_loss(
@@ -118,16 +83,13 @@ def forget_loss(
     beta: float | None = None,
     gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Dispatch to :data:`OBJECTIVES` with the arguments each objective takes."""
-    if objective == "ga":
-        return ga(logp, lengths)
-    if objective == "npo":
-        if ref_logp is None:
-            raise ValueError("npo needs the reference log-probs")
-        return npo(logp, ref_logp, NPO_BETA if beta is None else beta)
-    if objective == "simnpo":
-        return simnpo(logp, lengths, SIMNPO_BETA if beta is None else beta, gamma)
-    raise ValueError(f"unknown objective {objective!r}; known: {sorted(OBJECTIVES)}")
+    """``OBJECTIVES[objective]`` on one batch; β unset: the registry's default (NPO 0.1, SimNPO 2.5)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; known: {sorted(OBJECTIVES)}")
+    if OBJECTIVE_FACTS[objective].needs_reference and ref_logp is None:
+        raise ValueError(f"{objective} needs the reference log-probs")
+    beta = default_beta(objective) if beta is None else beta
+    return OBJECTIVES[objective](logp, lengths, ref_logp, beta, gamma)
 
 
 # --------------------------------------------------------------------------- retain terms
@@ -141,19 +103,19 @@ def nll(logp: torch.Tensor, lengths: torch.Tensor, scale: str = "token") -> torc
     """
     if scale == "sequence":
         return -logp.sum() / max(logp.numel(), 1)
-    return -logp.sum() / lengths.sum().clamp_min(1).to(logp.dtype)
+    return completion_nll(logp, lengths)
 
 
 def kl(logits: torch.Tensor, ref_logits: torch.Tensor, n_sequences: int | None = None) -> torch.Tensor:
     """Token-level ``KL(π_ref ‖ π_θ) = Σ_v p_ref,tv (log p_ref,tv − log p_θ,tv)``, averaged.
 
     `logits` and `ref_logits` are (n_tokens, V) rows at the retain completion positions (what
-    :func:`sequence_logprobs` selects); float32 inside. Mean over tokens, or with
+    `mast.batching.completion_logits` selects); float32 inside. Mean over tokens, or with
     `n_sequences` = N the sum over tokens / N (summed per text, mean over texts). Gradient wrt
     θ's logits: (p_θ − p_ref) / n_tokens (or / N).
     """
-    logq = F.log_softmax(_at_least_f32(logits), dim=-1)
-    logp_ref = F.log_softmax(_at_least_f32(ref_logits), dim=-1)
+    logq = F.log_softmax(at_least_f32(logits), dim=-1)
+    logp_ref = F.log_softmax(at_least_f32(ref_logits), dim=-1)
     per_token = (logp_ref.exp() * (logp_ref - logq)).sum(dim=-1)
     if not per_token.numel():
         return logits.sum() * 0.0

@@ -11,7 +11,7 @@ retain texts when a retain term is on)::
     total = L_f(forget batch) + α · L_r(retain batch),   L_r ∈ {nll, kl}  (token or sequence scale)
 
 Texts are ``mast.prompts.problem_pair`` (prompt + solution, prompt tokens masked), right
-padded. ``π_ref`` is the frozen target: for NPO its summed log-probs of every forget text are
+padded and scored by :mod:`mast.batching`. ``π_ref`` is the frozen target: for NPO its summed log-probs of every forget text are
 computed once, before the first update (inference mode); for the KL retain term a frozen
 copy of the target scores each retain batch. Learning rate: linear warmup over
 ``warmup_steps``, then constant. Data order comes from a ``torch.Generator`` seeded with
@@ -47,7 +47,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mast.config import UnlearnSpec, load_yaml, validate
+from mast.batching import (
+    collate,
+    completion_logits,
+    completion_logprobs,
+    encode_problems,
+    pad_id_of,
+    to_device,
+)
+from mast.config import UnlearnSpec, merge_spec
 from mast.files import (
     InputError,
     atomic_dir,
@@ -58,15 +66,7 @@ from mast.files import (
     write_json,
     write_jsonl,
 )
-from mast.objectives import (
-    forget_loss,
-    kl,
-    nll,
-    retain_scale_for,
-    sum_by_sequence,
-    token_logprobs,
-)
-from mast.prompts import problem_pair
+from mast.objectives import forget_loss, kl, nll, retain_scale_for
 from mast.registry import NEEDS_REFERENCE
 
 DELTA_FILE = "delta.safetensors"
@@ -142,25 +142,6 @@ def trainable_parameters(model: torch.nn.Module, selection: dict, source: str = 
 # --------------------------------------------------------------------------- data
 
 
-def encode_problems(tokenizer, problems: list[dict], template: str, max_length: int) -> list[tuple[list, list]]:
-    """(input_ids, completion_mask) per problem, via :func:`mast.prompts.problem_pair`."""
-    return [problem_pair(tokenizer, p, template, max_length) for p in problems]
-
-
-def collate(encoded: list[tuple[list, list]], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, completion_mask (all (B, T) int64)."""
-    T = max(len(encoded[i][0]) for i in idx)
-    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(idx), T), dtype=torch.long)
-    cm = torch.zeros((len(idx), T), dtype=torch.long)
-    for r, i in enumerate(idx):
-        x, m = encoded[i]
-        ids[r, : len(x)] = torch.tensor(x)
-        att[r, : len(x)] = 1
-        cm[r, : len(m)] = torch.tensor(m)
-    return {"input_ids": ids, "attention_mask": att, "completion_mask": cm}
-
-
 def index_stream(n: int, generator: torch.Generator) -> Iterator[int]:
     """Endless stream of indices 0..n-1: one seeded permutation per pass."""
     while True:
@@ -172,30 +153,6 @@ def take(stream: Iterator[int], k: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- model pieces
-
-
-def completion_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits only where a completion token is predicted: (rows (n, V), targets (n,), mask (B, T−1)).
-
-    Runs the decoder once and the LM head on the masked positions only (the full (B, T, V)
-    logits of a 150k vocabulary are never built).
-    """
-    decoder = getattr(model, model.base_model_prefix)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    hidden = hidden.last_hidden_state
-    m = batch["completion_mask"][:, 1:].bool()
-    rows = model.get_output_embeddings()(hidden[:, :-1][m])
-    return rows, batch["input_ids"][:, 1:][m], m
-
-
-def batch_logprobs(model, batch: dict[str, torch.Tensor]):
-    """(s, lengths, rows): summed completion log-probs per sequence (float32), lengths, logit rows."""
-    rows, targets, m = completion_logits(model, batch)
-    return sum_by_sequence(token_logprobs(rows, targets), m), m.sum(dim=1), rows
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -292,11 +249,11 @@ def train_step(model, opt, sched, params: list, spec: UnlearnSpec, micro_batches
     has_retain = False
     for fb, ref_logp, rb in micro_batches:
         with amp():
-            s, ln, _ = batch_logprobs(model, fb)
+            s, ln, _ = completion_logprobs(model, fb)
             lf = forget_loss(spec.objective, s, ln, ref_logp, spec.effective_beta, spec.gamma)
             lr_term = None
             if rb is not None and retain_term == "nll":
-                rs, rln, _ = batch_logprobs(model, rb)
+                rs, rln, _ = completion_logprobs(model, rb)
                 lr_term = nll(rs, rln, scale)
             elif rb is not None and retain_term == "kl":
                 rows, _, _ = completion_logits(model, rb)
@@ -333,10 +290,12 @@ def unlearn(
     template: str = "qwen_boxed",
     progress: bool = True,
     device: str | torch.device | None = None,
+    selection_source: str = "selection",
 ) -> UnlearnResult:
     """Unlearn `forget` from the target on the selected tensors; write the checkpoint to `out_dir`.
 
-    Raises InputError on bad input (unknown tensor names, empty forget set) and
+    Raises InputError on bad input (unknown tensor names, named by `selection_source`, e.g. the
+    selection file; empty forget set) and
     :class:`UnlearnDiverged` when a loss or the gradient norm is not finite (nothing written).
     """
     from tqdm.auto import tqdm
@@ -354,13 +313,13 @@ def unlearn(
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     model = load_model(target_dir)
     save_dtype = stored_dtype(model)
-    trainable = trainable_parameters(model, selection)
+    trainable = trainable_parameters(model, selection, selection_source)
     original = {n: p.detach().to("cpu", save_dtype, copy=True) for n, p in trainable.items()}
     use_cache = model.config.use_cache
     prepare_model(model, trainable, device, use_amp, spec.gradient_checkpointing)
     amp = autocast_for(use_amp)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     f_enc = encode_problems(tokenizer, forget, template, spec.max_length)
     r_enc = encode_problems(tokenizer, retain, template, spec.max_length) if retain_term != "none" else []
 
@@ -372,7 +331,7 @@ def unlearn(
         with torch.inference_mode(), amp():
             for i in range(0, len(f_enc), spec.batch_size):
                 idx = list(range(i, min(i + spec.batch_size, len(f_enc))))
-                s, _, _ = batch_logprobs(model, _to(collate(f_enc, idx, pad_id), device))
+                s, _, _ = completion_logprobs(model, to_device(collate(f_enc, idx, pad_id), device))
                 ref_logp[idx] = s.float().cpu()
         ref_logp = ref_logp.clone().to(device)
     ref_model = None
@@ -396,8 +355,8 @@ def unlearn(
             micro = []
             for _ in range(spec.grad_accum):
                 idx = take(f_stream, spec.batch_size)
-                fb = _to(collate(f_enc, idx, pad_id), device)
-                rb = _to(collate(r_enc, take(r_stream, spec.batch_size), pad_id), device) if r_stream else None
+                fb = to_device(collate(f_enc, idx, pad_id), device)
+                rb = to_device(collate(r_enc, take(r_stream, spec.batch_size), pad_id), device) if r_stream else None
                 micro.append((fb, ref_logp[idx] if ref_logp is not None else None, rb))
             row = train_step(model, opt, sched, params, spec, micro, step, retain_term, ref_model, use_amp)
             losses.append(row)
@@ -422,7 +381,7 @@ def unlearn(
     changed = {n: now[n].detach().contiguous() for n in trainable if not torch.equal(now[n], original[n])}
 
     target_fp = fingerprint_model(target_dir)
-    names = selection_names(selection)
+    names = selection_names(selection, selection_source)
     manifest = {
         "target": str(target_dir),
         "target_fingerprint": target_fp,
@@ -519,19 +478,9 @@ def apply_delta(target_dir, delta_path, out_dir=None, check: bool = True):
 # --------------------------------------------------------------------------- CLI
 
 
-def _spec_from_args(args) -> UnlearnSpec:
-    base: dict = {}
-    source = "command line"
-    if getattr(args, "spec", None):
-        base = load_yaml(args.spec, UnlearnSpec).model_dump(exclude_unset=True)
-        source = f"{args.spec} (with command-line flags)"
-    overrides = {k: getattr(args, k) for k in ("objective", "steps", "lr", "seed") if getattr(args, k, None) is not None}
-    return validate(UnlearnSpec, {**base, **overrides}, source)
-
-
 def cli_unlearn(args) -> int:
     """`mast unlearn`: read the selection and problem files, run :func:`unlearn`, print a summary."""
-    spec = _spec_from_args(args)
+    spec = merge_spec(UnlearnSpec, args.spec, args, ("objective", "steps", "lr", "seed"))
     if not Path(args.target).is_dir():
         raise InputError(f"{args.target}: not a checkpoint folder")
     selection = read_json(args.selection)
@@ -541,10 +490,7 @@ def cli_unlearn(args) -> int:
         raise InputError(f"{args.forget}: no problems")
     retain = read_jsonl(args.retain, PROBLEM_FIELDS) if args.retain else None
     try:
-        res = unlearn(args.target, selection, forget, retain, spec, args.out)
-    except InputError as e:
-        msg = str(e)
-        raise InputError(args.selection + msg[len("selection"):] if msg.startswith("selection:") else msg) from None
+        res = unlearn(args.target, selection, forget, retain, spec, args.out, selection_source=args.selection)
     except UnlearnDiverged as e:
         print(f"mast unlearn: {e} (nothing written to {args.out})", file=sys.stderr)
         return 1

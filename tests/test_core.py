@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import argparse
 import subprocess
 import sys
 
@@ -52,11 +52,34 @@ def test_spec_errors_name_file_and_field(tmp_path):
         load_suite(p)
 
 
-def test_cli_help_lists_contract():
-    out = subprocess.run([sys.executable, "-m", "mast.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
-    for cmd in ["toy", "select", "unlearn", "eval", "grade", "stats", "sweep", "report"]:
-        assert cmd in out.stdout
+CONTRACT = ["toy", "select", "diagnose", "unlearn", "eval", "grade", "stats", "sweep", "report"]
+
+
+def test_cli_has_exactly_the_contract_subcommands():
+    from mast.cli import HANDLERS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(CONTRACT)
+    assert sorted(HANDLERS) == sorted(CONTRACT)
+
+
+@pytest.mark.parametrize("cmd", CONTRACT)
+def test_cli_subcommand_help_exits_0(cmd, capsys):
+    from mast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mast {cmd}")
+
+
+def test_cli_import_error_inside_a_stage_is_an_internal_error(tmp_path):
+    """A broken dependency of a stage (here torch, for `mast unlearn`) is exit 1, one line, not 'unavailable'."""
+    code = ("import sys; sys.modules['torch'] = None; from mast.cli import main; "
+            "sys.exit(main(['unlearn', '--target', 't', '--selection', 's', '--forget', 'f', '--out', 'o']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("mast unlearn: internal error: ModuleNotFoundError: import of torch") and len(out.stderr.splitlines()) == 1
 
 
 def test_cli_bad_flag_is_exit_2():
@@ -75,4 +98,4 @@ def test_chat_prompt_and_mask(tiny_model):
     ids, mask = problem_pair(tok, {"prompt": "What is 2 + 3?", "solution": "\\boxed{5}"})
     assert len(ids) == len(mask) and mask[0] == 0 and mask[-1] == 1
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "\\boxed{5}<|im_end|>"
-    assert json.dumps(mask)  # plain ints
+    assert all(type(v) is int for v in ids + mask) and set(mask) == {0, 1}  # plain ints, JSON-ready

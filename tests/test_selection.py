@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,152 +13,9 @@ from mast.cli import main
 from mast.config import SelectionSpec
 from mast.files import InputError, write_jsonl
 from mast.models import TensorStore, candidate_tensors, inventory
-from mast.selection import (
-    RULES,
-    apply_rule,
-    coupling,
-    energy_at_ranks,
-    energy_curve,
-    off_principal_energy,
-    principal_subspace,
-    rank_for,
-    rank_percentiles,
-    select,
-    spectral_stats,
-    spectral_stats_multi,
-    update_magnitude,
-)
+from mast.selection import RULES, apply_rule, select, spectral_stats, spectral_stats_multi
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-# exact: float64 SVD; fast: float32 iteration stopped at an estimated error of 5e-4 (contract: 1e-3)
-TOL = {"exact": 1e-9, "fast": 1e-4}
-
-
-def planted(m: int, n: int, decay: float = 0.9, seed: int = 0):
-    """W = U diag(s) V^T with s_i = (i + 3)^-decay, and the full orthonormal bases U (m x m), V (n x n)."""
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
-    k = min(m, n)
-    s = (torch.arange(k, dtype=torch.float64) + 3) ** -decay
-    return (U[:, :k] * s) @ V[:, :k].T, U, V
-
-
-# --------------------------------------------------------------------------- signals on planted matrices
-
-
-def test_rank_for_is_ceil_of_rho_times_min_side():
-    assert rank_for(0.05, (1536, 1536)) == 77
-    assert rank_for(0.05, (256, 1536)) == 13
-    assert rank_for(0.1, (30, 30)) == 3  # 0.1 * 30 = 3.0000000000000004 in floating point
-    assert rank_for(1e-6, (64, 64)) == 1
-    assert rank_for(1.0, (32, 64)) == 32
-
-
-@pytest.mark.parametrize("method", ["exact", "fast"])
-@pytest.mark.parametrize("shape", [(120, 80), (80, 120)])
-def test_increment_in_principal_subspace_has_zero_energy(method, shape):
-    m, n = shape
-    W, U, V = planted(m, n)
-    r = rank_for(0.1, W.shape)
-    X = torch.randn(r, r, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    D = U[:, :r] @ X @ V[:, :r].T
-    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(0.0, abs=TOL[method])
-
-
-@pytest.mark.parametrize("method", ["exact", "fast"])
-@pytest.mark.parametrize("shape", [(120, 80), (80, 120)])
-def test_increment_in_orthogonal_complement_has_unit_energy(method, shape):
-    m, n = shape
-    W, U, V = planted(m, n)
-    r = rank_for(0.1, W.shape)
-    g = torch.Generator().manual_seed(2)
-    D = U[:, r:] @ torch.randn(m - r, n - r, generator=g, dtype=torch.float64) @ V[:, r:].T
-    assert off_principal_energy(W, D, 0.1, method) == pytest.approx(1.0, abs=TOL[method])
-    # one-sided: left factor inside the subspace, right factor outside -> U_r^T D V_r = 0 too
-    D1 = U[:, :r] @ torch.randn(r, n - r, generator=g, dtype=torch.float64) @ V[:, r:].T
-    assert off_principal_energy(W, D1, 0.1, method) == pytest.approx(1.0, abs=TOL[method])
-
-
-def test_mixed_increment_energy_is_the_off_subspace_share():
-    W, U, V = planted(60, 50)
-    r = rank_for(0.1, W.shape)  # 5
-    inside = U[:, :r] @ V[:, :r].T  # ||.||^2 = r
-    outside = U[:, r : 2 * r] @ V[:, r : 2 * r].T  # ||.||^2 = r, orthogonal to `inside`
-    D = inside + 3.0 * outside
-    assert off_principal_energy(W, D, 0.1, "exact") == pytest.approx(9.0 / 10.0, abs=1e-12)
-    assert off_principal_energy(W, D, 0.1, "fast") == pytest.approx(9.0 / 10.0, abs=TOL["fast"])
-
-
-def test_update_magnitude_is_exact():
-    W, _, _ = planted(40, 30)
-    assert update_magnitude(W, -0.25 * W) == pytest.approx(0.25, rel=1e-14)
-    D = torch.randn(40, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    expected = np.linalg.norm(D.numpy()) / np.linalg.norm(W.numpy())
-    assert update_magnitude(W, D) == pytest.approx(expected, rel=1e-14)
-    assert update_magnitude(W, torch.zeros_like(W)) == 0.0
-    assert off_principal_energy(W, torch.zeros_like(W), 0.05) == 0.0
-
-
-@pytest.mark.parametrize("shape", [(240, 160), (160, 240), (48, 320)])
-def test_fast_path_matches_exact_svd(shape):
-    """Gram subspace iteration + Rayleigh-Ritz converges (no fallback) and agrees with the full SVD."""
-    W, _, _ = planted(*shape, decay=0.8, seed=4)
-    g = torch.Generator().manual_seed(5)
-    ranks = [rank_for(rho, shape) for rho in (0.02, 0.05, 0.1)]
-    exact = principal_subspace(W, ranks, "exact")
-    fast = principal_subspace(W, ranks, "fast", spectrum=True)
-    assert fast.method == "fast"
-    assert torch.allclose(fast.S.double(), exact.S, rtol=1e-3)
-    # the spectrum (for the energy curve) agrees too
-    assert np.allclose(energy_curve(fast.sq), energy_curve(exact.sq), atol=1e-5)
-    U, _, Vh = torch.linalg.svd(W)
-    increments = [
-        # low-rank increments plus noise, like an RLVR update on top of bf16 rounding
-        1e-2 * torch.randn(shape[0], 4, generator=g, dtype=torch.float64) @ torch.randn(
-            4, shape[1], generator=g, dtype=torch.float64) + 1e-4 * torch.randn(*shape, generator=g, dtype=torch.float64)
-        for _ in range(3)
-    ] + [
-        # the worst case for a subspace error: D concentrated on the singular pair just inside / outside r
-        U[:, r - 1 : r + 1] @ torch.tensor([[1.0, 0.3], [0.2, 1.0]], dtype=torch.float64) @ Vh[r - 1 : r + 1]
-        for r in ranks
-    ]
-    for D in increments:
-        sub = principal_subspace(W, ranks, "fast", D=D)
-        assert sub.method == "fast"
-        e_fast, e_exact = energy_at_ranks(sub, D, ranks), energy_at_ranks(exact, D, ranks)
-        assert np.max(np.abs(np.subtract(e_fast, e_exact))) <= 1e-3
-
-
-def test_fast_path_falls_back_when_the_subspace_is_not_determined():
-    """Equal singular values: no gap, the energies do not settle, so the exact SVD answers."""
-    g = torch.Generator().manual_seed(6)
-    Q = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64)).Q
-    D = torch.randn(50, 50, generator=g, dtype=torch.float64)
-    # the energies of D keep changing from check to check (the top-3 subspace is arbitrary)
-    assert principal_subspace(Q, [3], "fast", D=D).method == "fast->exact"
-
-
-def test_energy_curve_is_monotone_and_reaches_one():
-    W, _, _ = planted(50, 40)
-    curve = energy_curve(principal_subspace(W, [2], "exact").sq)
-    assert len(curve) == 101 and curve[0] == 0.0
-    assert curve[-1] == pytest.approx(1.0, abs=1e-6)
-    assert all(b >= a for a, b in zip(curve, curve[1:], strict=False))
-
-
-def test_coupling_inner_product_and_cosine():
-    G = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
-    D = torch.tensor([[0.5, -1.0], [3.0, 2.0]])
-    inner = 1 * 0.5 + 2 * -1.0 + 0 * 3 + -1 * 2  # -3.5
-    value, cos = coupling(G, D)
-    assert value == pytest.approx(3.5)
-    assert cos == pytest.approx(inner / (math.sqrt(6) * math.sqrt(14.25)))
-    assert coupling(G, torch.zeros_like(D)) == (0.0, 0.0)
-
-
-def test_rank_percentiles_average_ties():
-    assert rank_percentiles([3.0, 1.0, 2.0, 2.0]).tolist() == [1.0, 0.25, 0.625, 0.625]
 
 
 # --------------------------------------------------------------------------- rules on synthetic rows
@@ -326,10 +182,11 @@ def test_select_signals_and_cache_hit(tiny_pair, problems, tmp_path):
 
 
 def test_coupling_is_the_directional_derivative(tiny_pair, problems, tmp_path):
-    """|<G, D>| agrees with (L(W_ref + eps D) - L(W_ref - eps D)) / 2 eps at the target... to first order."""
+    """|<G, D>| agrees with (L(W + eps D) - L(W - eps D)) / 2 eps at the target, L the unlearning NLL."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mast.selection import coupling_stats, forget_batches, token_nll_sum
+    from mast.batching import completion_logprobs, completion_nll, encode_problems, in_order, pad_id_of
+    from mast.selection import coupling_stats
 
     ref, tgt = tiny_pair
     stats = coupling_stats(ref, tgt, problems, cache_dir=tmp_path, batch_size=5, progress=False)
@@ -338,13 +195,16 @@ def test_coupling_is_the_directional_derivative(tiny_pair, problems, tmp_path):
     ref_w = TensorStore(ref).get(name, dtype=torch.float64)
     p = dict(model.named_parameters())[name]
     D = p.detach().clone() - ref_w
-    batches = forget_batches(AutoTokenizer.from_pretrained(tgt), problems, "qwen_boxed", 1024, 4)
+    tok = AutoTokenizer.from_pretrained(tgt)
+    # one batch of all texts: the mean token NLL of the set, as unlearning's retain term computes it
+    (batch,) = in_order(encode_problems(tok, problems, "qwen_boxed", 1024), len(problems), pad_id_of(tok))
 
     def loss() -> float:
         with torch.no_grad():
-            tot = [token_nll_sum(model, *b) for b in batches]
-        return float(sum(s for s, _ in tot) / sum(n for _, n in tot))
+            s, lengths, _ = completion_logprobs(model, batch)
+        return float(completion_nll(s, lengths))
 
+    assert stats["forget_loss"] == pytest.approx(loss(), rel=1e-5)
     w0, eps = p.detach().clone(), 1e-3
     with torch.no_grad():
         p.copy_(w0 + eps * D)
