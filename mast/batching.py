@@ -12,8 +12,9 @@ solution tokens; :func:`mast.prompts.problem_pair` builds both):
 - NLL         ``−Σ_i s_i / Σ_i |y_i|`` (mean token NLL of the batch, or of a larger set when
   the denominator is that set's token count: accumulating over batches gives the set's NLL)
 
-Batches are right-padded: with causal attention a real token never sees the padding after it,
-so the pad id does not change any log-prob (a test checks padded == unpadded).
+Scored batches are right-padded (:func:`pad_right`; :func:`pad_left` is for generation): with
+causal attention a real token never sees the padding after it, so the pad id does not change
+any log-prob (a test checks padded == unpadded).
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def pad_right(pairs: Sequence[Encoded], pad_id: int) -> Batch:
         att[r, : len(x)] = 1
         cm[r, : len(m)] = torch.tensor(m)
     return {"input_ids": ids, "attention_mask": att, "completion_mask": cm}
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) of prompts for ``generate`` (new tokens then line up at the right)."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, T - len(x):] = torch.tensor(x, dtype=torch.long)
+        att[r, T - len(x):] = 1
+    return ids, att
 
 
 def collate(encoded: Sequence[Encoded], idx: Sequence[int], pad_id: int) -> Batch:

@@ -15,6 +15,7 @@ from mast.batching import (
     encode_problems,
     in_order,
     pad_id_of,
+    pad_left,
     pad_right,
     per_token_logprobs,
     sequence_logprobs,
@@ -39,6 +40,11 @@ def test_pad_right_layout():
     enc = [([1, 2], [0, 1]), ([3, 4, 5], [0, 0, 1])]
     assert collate(enc, [1, 0], 9)["input_ids"].tolist() == [[3, 4, 5], [1, 2, 9]]
     assert [x["input_ids"].shape[0] for x in in_order(enc * 3, 4, 0)] == [4, 2]
+
+
+def test_pad_left_layout_for_generation():
+    ids, att = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and att.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_nll_of_a_uniform_distribution_is_log_v():
