@@ -11,7 +11,7 @@ import yaml
 from mast.cli import main
 from mast.config import SweepSpec, load_yaml, validate
 from mast.files import InputError
-from mast.sweep import expand_grid, spec_hash, trial_id
+from mast.grid import expand_grid, spec_hash, trial_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,8 @@ def test_grid_point_overrides_specs_and_seed_sets_both():
     spec = _spec(grid={"rule": ["random"], "seed": [7], "lr": [3e-4]}, selection={"k": 3},
                  unlearning={"steps": 5, "objective": "simnpo"})
     (t,) = expand_grid(spec).trials
-    assert t.selection["rule"] == "random" and t.selection["seed"] == 7 and t.selection["k"] == 3
-    assert t.unlearning["seed"] == 7 and t.unlearning["lr"] == 3e-4 and t.unlearning["steps"] == 5
+    assert t.selection.rule == "random" and t.selection.seed == 7 and t.selection.k == 3
+    assert t.unlearning.seed == 7 and t.unlearning.lr == 3e-4 and t.unlearning.steps == 5
     assert t.config == {"rule": "random", "objective": "simnpo", "k": 3, "seed": 7, "lr": 3e-4}
     assert t.trial_id == "random-simnpo-k3-s7-lr0.0003"
 
@@ -88,7 +88,7 @@ def test_spec_hash_ignores_where_not_what():
 @pytest.mark.parametrize("name", ["demo", "paper", "qwen3"])
 def test_shipped_specs_load_and_expand(name):
     spec = load_yaml(ROOT / "sweeps" / f"{name}.yaml", SweepSpec)
-    from mast.sweep import check_spec
+    from mast.grid import check_spec
 
     check_spec(spec, name)
     g = expand_grid(spec, name)
@@ -159,7 +159,7 @@ def test_existing_sweep_needs_resume_and_same_spec(tmp_path, capsys):
 def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
     """Splits are disjoint; the target is evaluated once per suite; a second prepare reuses it all."""
     from mast.files import read_jsonl
-    from mast.sweep import prepare
+    from mast.prepare import prepare
 
     reference, target = tiny_pair
     spec = _spec(models={"reference": str(reference), "target": str(target)},
@@ -169,9 +169,9 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
                              "template": "boxed_user", "decoding": {"max_tokens": 4}, "batch_size": 8})
     out = tmp_path / "sweep"
     got = prepare(spec, out, str(data_dir))
-    assert got["evaluations"] == {"forget": 1, "retain": 1, "gsm8k": 1}
-    assert list(got["suites"]) == ["forget", "gsm8k", "retain"]  # forget (the scheduler's metric) first
-    assert all(s["template"] == "boxed_user" and s["decoding"]["max_tokens"] == 4 for s in got["suites"].values())
+    assert got.evaluations == {"forget": 1, "retain": 1, "gsm8k": 1}
+    assert list(got.suites) == ["forget", "gsm8k", "retain"]  # forget (the scheduler's metric) first
+    assert all(s.template == "boxed_user" and s.decoding.max_tokens == 4 for s in got.suites.values())
     p = out / "prepared"
     forget, retain_texts = read_jsonl(p / "forget.jsonl"), read_jsonl(p / "retain.jsonl")
     retain_suite = read_jsonl(p / "suites" / "retain.jsonl")
@@ -182,7 +182,8 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
     assert len(read_jsonl(p / "baseline" / "gsm8k.jsonl")) == 2
     assert {q.parent.name for q in (p / "selection_cache").rglob("*.json")} >= {"spectral", "coupling"}
     again = prepare(spec, out, str(data_dir))
-    assert again["evaluations"] == {"forget": 0, "retain": 0, "gsm8k": 0} and again["key"] == got["key"]
+    assert again.evaluations == {"forget": 0, "retain": 0, "gsm8k": 0} and again.key == got.key
+    assert again.suites == got.suites and again.manifest() == got.manifest()  # the cache reads back the same
     changed = _spec(**{**spec.model_dump(), "data": {**spec.data.model_dump(), "split_seed": 2}})
     with pytest.raises(InputError, match="inputs changed since it started"):
         prepare(changed, out, str(data_dir))
