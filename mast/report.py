@@ -303,7 +303,8 @@ def build_report_from_mlflow(experiment: str, tracking_uri: str, out_dir: str | 
     with tempfile.TemporaryDirectory(prefix="mast-report-") as tmp:
         fetched = fetch_sweep(experiment, tracking_uri, Path(tmp) / "sweep")
         for t in _signal_trials(load_trials(fetched.sweep.root))[:1]:
-            fetched.fetch_trial_file(str(t.get("trial_id")), "selection.json", t.get("mlflow_run_id"))
+            tid = str(t.get("trial_id"))
+            fetched.fetch_trial_file(tid, fetched.sweep.trial(tid).selection.name, t.get("mlflow_run_id"))
         return build_report(fetched.sweep.root, out_dir)
 
 

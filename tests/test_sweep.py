@@ -11,7 +11,8 @@ import yaml
 from mast.cli import main
 from mast.config import SweepSpec, load_yaml, validate
 from mast.files import InputError
-from mast.grid import expand_grid, spec_hash, trial_id
+from mast.grid import expand_grid, spec_hash, trial_id, trial_params
+from mast.layout import SweepDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,67 @@ def test_spec_hash_ignores_where_not_what():
     a = _spec(output_dir="/a", data={"data_dir": "/x"})
     b = _spec(output_dir="/b", data={"data_dir": "/y"})
     assert spec_hash(a) == spec_hash(b) != spec_hash(_spec(grid={"rule": ["full"]}))
+
+
+# --------------------------------------------------------------------------- MLflow params of a trial
+
+
+def test_trial_params_are_the_resolved_config_without_ignored_fields():
+    spec = _spec(grid={"rule": ["mast", "random", "full"], "objective": ["npo", "ga"], "k": [4]},
+                 selection={"rho": 0.1}, unlearning={"lr": 3e-5, "steps": 20, "alpha": 0.5, "retain_scale": "match"})
+    params = {t.trial_id: trial_params(t) for t in expand_grid(spec).trials}
+    mast, rnd, full = params["mast-npo-k4-s0"], params["random-npo-k4-s0"], params["full-npo-s0"]
+    # everything that determines the trial, not only the grid axes
+    for p in (mast, rnd, full):
+        assert (p["lr"], p["steps"], p["alpha"], p["retain"], p["retain_scale"]) == (3e-5, 20, 0.5, "nll", "match")
+        assert {"batch_size", "max_length", "texts", "seed", "objective", "max_grad_norm", "bf16",
+                "selection.seed", "selection.candidates", "selection.max_length"} <= set(p)
+    # k / rho only where the rule uses them (registry facts)
+    assert (mast["k"], mast["rho"]) == (4, 0.1)
+    assert rnd["k"] == 4 and "rho" not in rnd
+    assert "k" not in full and "rho" not in full and full["rule"] == "full"
+    # beta is the effective one (unset: the objective's default); GA has none
+    assert mast["beta"] == 0.1 and "beta" not in params["mast-ga-k4-s0"]
+    assert trial_params(expand_grid(_spec(unlearning={"objective": "simnpo", "beta": 3.0})).trials[0])["beta"] == 3.0
+
+
+# --------------------------------------------------------------------------- the sweep folder
+
+
+def test_sweep_dir_knows_every_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sd = SweepDir("runs/x")
+    assert sd.root == tmp_path / "runs" / "x" and sd.root.is_absolute()  # Ray workers have other CWDs
+    assert sd.manifest == sd.root / "sweep.json" and sd.spec == sd.root / "spec.yaml"
+    assert sd.mlflow_db == sd.root / "mlflow.db" and sd.trials_jsonl == sd.root / "trials.jsonl"
+    assert sd.baseline_results("forget") == sd.root / "prepared" / "baseline" / "forget.jsonl"
+    assert sd.baseline_probe("forget") == sd.root / "prepared" / "baseline" / "forget.probe.json"
+    assert sd.suite_problems("gsm8k") == sd.root / "prepared" / "suites" / "gsm8k.jsonl"
+    td = sd.trial("mast-npo-k8-s0")
+    assert td.result == sd.root / "trials" / "mast-npo-k8-s0" / "result.json" and td.trial_id == "mast-npo-k8-s0"
+    assert td.results("retain") == td.root / "results" / "retain.jsonl"
+    assert not sd.exists()
+    td.root.mkdir(parents=True)
+    assert sd.exists()  # a trials folder alone means a sweep started here
+    (td.root / "selection.json").write_text("{}")
+    (td.root / "result.json").write_text("{}")
+    assert td.artifacts() == [td.selection, td.result]
+
+
+def test_trial_row_is_built_in_one_shape():
+    from mast.trial import TrialRow
+
+    grid = expand_grid(_spec(grid={"rule": ["full"]}))
+    failed = TrialRow.failed(grid.trials[0], "did not run").to_dict()
+    assert failed == {"trial_id": "full-npo-s0", "status": "failed", "error": "did not run",
+                      "config": grid.trials[0].config, "suites": {}, "probe": None, "selected": [],
+                      "mlflow_run_id": None}
+    partial = TrialRow("t", "ok", None, {"rule": "mast", "seed": 0}, suites={"forget": {"delta": 0.1}},
+                       all_parameters=False, timing={"finished": 1.0}, partial=True)
+    assert TrialRow.from_dict(partial.to_dict()) == partial
+    final = partial.final().to_dict()
+    assert "partial" not in final and final["stopped_early"] is True and final["suites"] == {"forget": {"delta": 0.1}}
+    assert "stopped_early" not in TrialRow.from_dict({**partial.to_dict(), "partial": None}).final().to_dict()
 
 
 # --------------------------------------------------------------------------- shipped specs
@@ -175,6 +237,9 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
     p = out / "prepared"
     forget, retain_texts = read_jsonl(p / "forget.jsonl"), read_jsonl(p / "retain.jsonl")
     retain_suite = read_jsonl(p / "suites" / "retain.jsonl")
+    sd = SweepDir(out)
+    assert sd.prepared_manifest.is_file() and read_jsonl(sd.forget_texts) == forget
+    assert all(sd.baseline_results(n).is_file() and sd.suite_problems(n).is_file() for n in got.suites)
     assert [len(forget), len(retain_texts), len(retain_suite)] == [4, 2, 3]
     ids = [x["id"] for x in forget + retain_texts + retain_suite]
     assert len(set(ids)) == len(ids)  # three disjoint draws
@@ -256,7 +321,11 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
         for s in ("forget", "retain"):
             assert {f"{s}/accuracy", f"{s}/delta", f"{s}/mcnemar_p", f"{s}/ci_low", f"{s}/ci_high"} <= set(
                 r.data.metrics)
-        assert r.data.params["rule"] in ("mast", "full") and "seed" in r.data.params
+        p = r.data.params
+        assert p["rule"] in ("mast", "full") and "seed" in p
+        # the resolved config, and k / rho only for the rule that uses them
+        assert (p["lr"], p["steps"], p["batch_size"], p["beta"], p["retain"]) == ("0.001", "2", "4", "0.1", "nll")
+        assert ("k" in p, "rho" in p) == ((True, True) if p["rule"] == "mast" else (False, False))
         assert len(c.get_metric_history(r.info.run_id, "train/total")) == 2  # 2 steps
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert "selection.json" in arts and {a.path for a in c.list_artifacts(r.info.run_id, "results")} == {
