@@ -185,19 +185,18 @@ def _tune_errors(results) -> dict[str, str]:
 def reconcile_mlflow(tracker, parent_run_id: str, rows: list[TrialRow], grid: Grid, sd: SweepDir,
                      baseline: dict) -> None:
     """Every trial ends with exactly one child run: FINISHED if ok, FAILED if not."""
-    by_tid = {r.data.tags.get("mast.trial_id"): r for r in tracker.child_runs()}
+    run_ids = tracker.trial_run_ids()
     trials = grid.by_id()
     for row in rows:
-        run = by_tid.get(row.trial_id)
         params = trial_params(trials[row.trial_id])
         if row.status == "ok":
-            run_id = row.mlflow_run_id or (run.info.run_id if run else None)
+            run_id = row.mlflow_run_id or run_ids.get(row.trial_id)
             if run_id is None:
                 run_id = tracker.trial_run(parent_run_id, row.trial_id, params)
             if tracker.run_status(run_id) != "FINISHED":
                 log_trial_to_mlflow(tracker, run_id, row, sd.trial(row.trial_id), baseline)
         else:
-            run_id = run.info.run_id if run else tracker.trial_run(parent_run_id, row.trial_id, params)
+            run_id = run_ids.get(row.trial_id) or tracker.trial_run(parent_run_id, row.trial_id, params)
             row.mlflow_run_id = run_id
             if tracker.run_status(run_id) != "FAILED":
                 tracker.fail_trial(run_id, row.error or "failed")

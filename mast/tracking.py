@@ -152,6 +152,10 @@ class Tracker:
     def child_runs(self) -> list:
         return self.find_runs(**{TAG_ROLE: "trial"})
 
+    def trial_run_ids(self) -> dict[str, str]:
+        """trial id -> its child run id, for every trial run of this sweep."""
+        return {r.data.tags.get(TAG_TRIAL): r.info.run_id for r in self.child_runs()}
+
     def _get_or_create(self, run_name: str, tags: dict[str, str], lookup: dict[str, str]) -> str:
         found = self.find_runs(**lookup)
         if found:
