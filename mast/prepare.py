@@ -261,7 +261,7 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
     A second call with the same inputs reuses it (no baseline re-evaluation); changed inputs
     are an InputError (trials would be compared with another baseline).
     """
-    from mast.evaluation import evaluate, make_backend
+    from mast.evaluation import make_backend
 
     sd = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
     sd.prepared.mkdir(parents=True, exist_ok=True)
@@ -279,42 +279,16 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
                              f"baseline: start a new sweep (another name or --out)")
 
     template = spec.evaluation.template or src.own_template
-    evaluations: dict[str, int] = {}
-    baseline: dict[str, list[dict]] = {}
-    probes: dict[str, dict] = {}
     backend = make_backend(spec.evaluation.backend, src.target, batch_size=spec.evaluation.batch_size,
                            **backend_options(spec))
     try:
-        if spec.data.require_target_correct and src.kind == "math" and "forget" in suites:
-            # forget = the first forget_size candidates the target solves (the capability to remove)
-            s = suites["forget"]
-            res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
-                           progress=True)
-            evaluations["forget"] = 1
-            ok = [(p, r) for p, r in zip(s.problems, res.records) if r["correct"]][: spec.data.forget_size]
-            if len(ok) < spec.data.forget_size:
-                raise InputError(f"data.require_target_correct: the target solves only {len(ok)} of "
-                                 f"{len(s.problems)} candidates; need forget_size={spec.data.forget_size}")
-            s.problems = [p for p, _ in ok]
-            src.forget_texts = s.problems
-            baseline["forget"] = [r for _, r in ok]
-        for name, s in suites.items():
-            if name in baseline:
-                continue
-            _log(f"baseline: evaluating the target on {name} ({len(s.problems)} problems)")
-            res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
-                           progress=True)
-            evaluations[name] = evaluations.get(name, 0) + 1
-            baseline[name] = res.records
-            if res.probe is not None:
-                probes[name] = res.probe
-            _log(f"baseline {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"
-                 f"{' (cache hit)' if res.cache_hit else ''} in {res.seconds:.0f}s")
+        base = evaluate_baselines(spec, src, suites, sd, backend)
         generated = None
         if needs_generated_texts(spec):
-            generated = _generated_texts(src, suites, baseline, backend, template, sd)
+            generated = _generated_texts(src, suites, base.records, backend, template, sd)
     finally:
         backend.close()
+    baseline, probes, evaluations = base.records, base.probes, base.evaluations
 
     _selection_statistics(spec, src, generated, template, sd)
     write_jsonl(sd.forget_texts, src.forget_texts)
@@ -336,6 +310,51 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
         selection_cache=str(sd.selection_cache), generated_texts=generated is not None, evaluations=evaluations)
     write_json(sd.prepared_manifest, prepared.manifest())  # written last: its presence means prepared/ is complete
     return prepared
+
+
+@dataclasses.dataclass
+class Baselines:
+    """The target's results per suite: per-problem records, probe results, evaluations run."""
+
+    records: dict[str, list[dict]]
+    probes: dict[str, dict]
+    evaluations: dict[str, int]
+
+
+def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir, backend) -> Baselines:
+    """Evaluate the target once per suite (every trial is paired with these results).
+
+    With ``data.require_target_correct`` (MATH) the forget split becomes the first forget_size
+    candidates the target solves (the capability to remove): `suites` and `src` are updated.
+    """
+    from mast.evaluation import evaluate
+
+    out = Baselines({}, {}, {})
+    if spec.data.require_target_correct and src.kind == "math" and "forget" in suites:
+        s = suites["forget"]
+        res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
+                       progress=True)
+        out.evaluations["forget"] = 1
+        ok = [(p, r) for p, r in zip(s.problems, res.records) if r["correct"]][: spec.data.forget_size]
+        if len(ok) < spec.data.forget_size:
+            raise InputError(f"data.require_target_correct: the target solves only {len(ok)} of "
+                             f"{len(s.problems)} candidates; need forget_size={spec.data.forget_size}")
+        s.problems = [p for p, _ in ok]
+        src.forget_texts = s.problems
+        out.records["forget"] = [r for _, r in ok]
+    for name, s in suites.items():
+        if name in out.records:
+            continue
+        _log(f"baseline: evaluating the target on {name} ({len(s.problems)} problems)")
+        res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
+                       progress=True)
+        out.evaluations[name] = out.evaluations.get(name, 0) + 1
+        out.records[name] = res.records
+        if res.probe is not None:
+            out.probes[name] = res.probe
+        _log(f"baseline {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"
+             f"{' (cache hit)' if res.cache_hit else ''} in {res.seconds:.0f}s")
+    return out
 
 
 def _selection_statistics(spec: SweepSpec, src: Sources, generated: list[dict] | None, template: str,

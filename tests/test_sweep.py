@@ -254,6 +254,33 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
         prepare(changed, out, str(data_dir))
 
 
+def test_prepare_generated_texts_and_target_correct_forget(tmp_path, tiny_pair, data_dir):
+    """texts=generated: the target's own correct answers replace the reference solutions (else kept);
+    require_target_correct: an untrained target solving too few candidates is an input error."""
+    from mast.files import read_jsonl
+    from mast.prepare import prepare
+
+    reference, target = tiny_pair
+    common = {"models": {"reference": str(reference), "target": str(target)},
+              "data": {"forget_size": 3, "retain_size": 2, "retain_train_size": 2},
+              "selection": {"max_length": 256},
+              "evaluation": {"suites": ["forget", "retain"], "template": "boxed_user",
+                             "decoding": {"max_tokens": 4}, "batch_size": 8}}
+    got = prepare(_spec(**common, unlearning={"texts": "generated"}), tmp_path / "gen", str(data_dir))
+    sd = SweepDir(tmp_path / "gen")
+    assert got.generated_texts and got.evaluations == {"forget": 1, "retain": 1}
+    gen, forget = read_jsonl(sd.forget_generated), read_jsonl(sd.forget_texts)
+    base = {r["id"]: r for r in read_jsonl(sd.baseline_results("forget"))}
+    assert [g["id"] for g in gen] == [f["id"] for f in forget]
+    for g, f in zip(gen, forget):
+        own = base[g["id"]]
+        assert g["text_source"] == ("target" if own["correct"] else "reference")
+        assert g["solution"] == (own["response"] if own["correct"] else f["solution"])
+    strict = _spec(**{**common, "data": {**common["data"], "require_target_correct": True}})
+    with pytest.raises(InputError, match=r"the target solves only \d+ of 12 candidates; need forget_size=3"):
+        prepare(strict, tmp_path / "strict", str(data_dir))
+
+
 # --------------------------------------------------------------------------- slow: real Ray + MLflow on the toy
 
 
