@@ -26,25 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from mast.doc import fmt_ci, fmt_p, fmt_pp
 from mast.files import InputError, read_jsonl, write_json
+from mast.registry import K_FREE_RULES, RHO_RULES
+from mast.results import MCNEMAR_KEYS, check_trials, load_trials  # noqa: F401 (MCNEMAR_KEYS: the dict's fields)
 
-MCNEMAR_KEYS = ("n", "both_correct", "right_to_wrong", "wrong_to_right", "both_wrong",
-                "acc_before", "acc_after", "delta", "ci_low", "ci_high", "p_value")
 MCNEMAR_TEST = "exact McNemar (two-sided binomial on discordant pairs, p=1/2)"
 CI_METHOD = "paired percentile bootstrap over problems (multinomial on the 2x2 cells)"
 
-# rules whose trials ignore k (every parameter / every attention projection), as in mast.sweep
-K_FREE_RULES = ("full", "attention")
-# the only rules whose choice depends on rho
-RHO_RULES = ("mast", "off_principal")
 PRIMARY_TESTS = ("ttest", "wilcoxon", "sign")
 PRIMARY_REASON = {
     "ttest": ("paired t-test is primary: each per-seed delta is a mean over the suite's problems, so the "
@@ -317,7 +313,7 @@ def varying_keys(trials: Sequence[dict]) -> list[str]:
 
 def condition_config(config: dict) -> dict:
     """Condition = the trial config without the seed, and without the fields its rule ignores
-    (k for full/attention, rho for every rule but mast/off_principal), so baselines match across them."""
+    (k for rules without k, rho for rules without rho: mast.registry), so baselines match across them."""
     cfg = {k: v for k, v in config.items() if k != "seed"}
     if cfg.get("rule") in K_FREE_RULES:
         cfg.pop("k", None)
@@ -343,18 +339,166 @@ def suites_of(trials: Sequence[dict]) -> list[str]:
     return sorted(seen, key=lambda s: (s != "forget", s != "retain", seen.index(s)))
 
 
-def _check_trials(trials: Sequence[dict]) -> None:
-    for i, t in enumerate(trials):
-        tid = t.get("trial_id", f"row {i}") if isinstance(t, dict) else f"row {i}"
-        if not isinstance(t, dict):
-            raise InputError(f"trials: row {i}: expected an object")
-        if t.get("status") not in ("ok", "failed"):
-            raise InputError(f"trials: {tid}: status must be 'ok' or 'failed', got {t.get('status')!r}")
-        cfg = t.get("config")
-        if not isinstance(cfg, dict) or "rule" not in cfg or "seed" not in cfg:
-            raise InputError(f"trials: {tid}: config must be an object with at least 'rule' and 'seed'")
-        if t["status"] == "ok" and not isinstance(t.get("suites"), dict):
-            raise InputError(f"trials: {tid}: an ok trial needs 'suites' (suite -> McNemar dict)")
+RULE_ORDER = ("mast", "full", "random", "attention", "off_principal", "magnitude", "coupling")  # display order
+OBJ_ORDER = ("ga", "npo", "simnpo")
+
+
+def _order(value, order) -> tuple:
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def seed_sort(s) -> tuple:
+    """Sort key of seeds: numbers first (by value), then the rest by name."""
+    return (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s))
+
+
+def sort_key(cfg: dict) -> tuple:
+    """Display order of conditions: by objective, then rule (mast beside its baselines), then k."""
+    k = cfg.get("k")
+    return (_order(cfg.get("objective"), OBJ_ORDER), _order(cfg.get("rule"), RULE_ORDER),
+            (0, k) if isinstance(k, (int, float)) else (1, 0),
+            json.dumps({x: v for x, v in cfg.items() if x not in ("rule", "objective", "k")}, sort_keys=True))
+
+
+@dataclass
+class SeedResult:
+    """One trial's result on one suite, as a condition's entry for its seed."""
+
+    delta: float
+    trial_id: str | None
+    metrics: dict  # the trial's McNemar dict on the suite
+    config: dict  # the trial's full config
+
+
+@dataclass
+class ConditionGroup:
+    """The trials of one condition on one suite, by seed."""
+
+    config: dict  # the condition's config (condition_config: no seed, no field its rule ignores)
+    by_seed: dict = field(default_factory=dict)  # seed -> SeedResult
+
+    @property
+    def seeds(self) -> list:
+        return sorted(self.by_seed, key=seed_sort)
+
+
+def group_by_condition(ok: Sequence[dict], suite: str, label) -> tuple[dict[tuple, ConditionGroup], list[str]]:
+    """Ok trials of `suite` grouped by condition (display order), and notes on trials left out.
+
+    A trial repeating a seed of its condition is left out (noted) when it differs only in
+    fields its rule ignores; a true duplicate (same config and seed) is an InputError.
+    """
+    groups: dict[tuple, ConditionGroup] = {}
+    notes: list[str] = []
+    for t in ok:
+        if suite not in t["suites"]:
+            notes.append(f"{suite}: trial {t.get('trial_id')} has no result for this suite")
+            continue
+        m = t["suites"][suite]
+        if not isinstance(m, dict) or not isinstance(m.get("delta"), (int, float)):
+            raise InputError(f"trials: {t.get('trial_id')}: suites.{suite}.delta missing or not a number")
+        group = groups.setdefault(condition_key(t["config"]), ConditionGroup(condition_config(t["config"])))
+        seed = t["config"]["seed"]
+        prev = group.by_seed.get(seed)
+        if prev is not None and prev.config != t["config"]:  # differs only in fields its rule ignores
+            notes.append(f"{suite}: {t.get('trial_id')} repeats {prev.trial_id} ({label(t['config'])} "
+                         f"ignores k/rho; seed {seed}): the first is used")
+            continue
+        if prev is not None:
+            raise InputError(f"trials: {t.get('trial_id')} and {prev.trial_id}: same condition "
+                             f"{label(t['config'])} and seed {seed} (suite {suite})")
+        group.by_seed[seed] = SeedResult(float(m["delta"]), t.get("trial_id"), m, t["config"])
+    ordered = sorted(groups, key=lambda k: sort_key(groups[k].config))
+    return {k: groups[k] for k in ordered}, notes
+
+
+def summarize_condition(suite: str, group: ConditionGroup, label: str, confidence: float) -> dict:
+    """A condition's row: per-seed deltas, their mean and Student-t interval, the per-seed numbers."""
+    seeds = group.seeds
+    res = [group.by_seed[sd] for sd in seeds]
+    ti = t_interval([r.delta for r in res], confidence)
+    return {
+        "suite": suite, "condition": label, "config": group.config,
+        "seeds": seeds, "trial_ids": [r.trial_id for r in res], "deltas": [r.delta for r in res],
+        "n_seeds": ti["n"], "mean_delta": ti["mean"], "sd_delta": ti["sd"],
+        "ci_low": ti["ci_low"], "ci_high": ti["ci_high"], "confidence": confidence,
+        "interval": "Student t over seeds",
+        "acc_before": [r.metrics.get("acc_before") for r in res], "acc_after": [r.metrics.get("acc_after") for r in res],
+        "n_problems": [r.metrics.get("n") for r in res], "p_values": [r.metrics.get("p_value") for r in res],
+    }
+
+
+def compare_to_baseline(suite: str, group: ConditionGroup, base: ConditionGroup, baseline: str, labels: tuple[str, str],
+                        confidence: float, primary: str) -> dict:
+    """Paired tests of a condition's per-seed deltas against its baseline's, matched by seed.
+
+    `labels`: (condition, baseline condition). Holm fields (p_holm, reject) are filled by :func:`apply_holm`.
+    """
+    seeds = group.seeds
+    matched = [sd for sd in seeds if sd in base.by_seed]
+    x = [group.by_seed[sd].delta for sd in matched]
+    y = [base.by_seed[sd].delta for sd in matched]
+    tests = paired_tests(x, y, confidence)
+    p_primary = tests[primary]["p_value"]
+    return {
+        "suite": suite, "condition": labels[0], "baseline": baseline,
+        "baseline_condition": labels[1], "seeds": matched,
+        "unmatched_seeds": sorted(set(seeds) ^ set(base.by_seed), key=seed_sort), "n": len(matched),
+        "deltas": x, "baseline_deltas": y,
+        "differences": tests["differences"], "mean_difference": tests["mean_difference"],
+        "ttest": tests["ttest"], "wilcoxon": tests["wilcoxon"], "sign": tests["sign"],
+        "exact_p_floor": tests["exact_p_floor"], "primary_test": primary,
+        "p_raw": p_primary, "p_holm": None, "reject": None,
+        "in_family": p_primary is not None,
+    }
+
+
+def apply_holm(comparisons: list[dict], alpha: float, tested: list[str], family: str) -> dict:
+    """Holm over the family (every testable primary comparison given): fills p_holm / reject in place,
+    adjusts the exact Wilcoxon p-values over the same family for reference; returns the family's facts."""
+    fam = [c for c in comparisons if c["in_family"]]
+    adj, rej = holm_reject([c["p_raw"] for c in fam], alpha)
+    for c, pa, r in zip(fam, adj, rej):
+        c["p_holm"], c["reject"] = pa, r
+    adj_w, _ = holm_reject([c["wilcoxon"]["p_value"] for c in fam], alpha)
+    for c, pa in zip(fam, adj_w):
+        c["wilcoxon"]["p_holm"] = pa
+    fam_suites = [x for x in tested if any(c["suite"] == x for c in fam)] or tested
+    return {"scope": ("sweep: every suite (" if family == "sweep" else "table: suites (")
+            + ", ".join(fam_suites) + ") x condition x baseline",
+            "method": "holm", "implementation": "statsmodels multipletests(method='holm')", "alpha": alpha,
+            "size": len(fam), "n_rejected": int(sum(rej)), "suites": fam_suites}
+
+
+def _check_table_args(family: str, primary: str, confidence: float, alpha: float) -> None:
+    if family not in ("sweep", "table"):
+        raise InputError(f"family must be 'sweep' or 'table', got {family!r}")
+    if primary not in PRIMARY_TESTS:
+        raise InputError(f"primary test must be one of {PRIMARY_TESTS}, got {primary!r}")
+    if not 0.0 < confidence < 1.0:
+        raise InputError(f"confidence must be in (0, 1), got {confidence}")
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _wanted_suites(trials: Sequence[dict], ok: Sequence[dict], suite: str | Sequence[str] | None) -> list[str]:
+    suites = suites_of(trials) if suite is None else [suite] if isinstance(suite, str) else list(suite)
+    for s in suites:
+        if not any(s in t["suites"] for t in ok):
+            raise InputError(f"trials: no ok trial has suite {s!r} (have: {', '.join(suites_of(trials)) or 'none'})")
+    return suites
+
+
+def _power_notes(comparisons: list[dict], floors: list[float]) -> list[str]:
+    notes = []
+    if comparisons and max(c["n"] for c in comparisons) <= 5:
+        notes.append("every comparison has <= 5 matched seeds: the exact Wilcoxon / sign tests cannot reach "
+                     f"p < 0.05 (two-sided floor 2/2^n; floors here: {', '.join(f'{f:.4g}' for f in floors)})")
+    for c in comparisons:
+        if not c["in_family"]:
+            notes.append(f"{c['suite']}: {c['condition']} vs {c['baseline']}: not tested ({c['ttest']['note']}); "
+                         "left out of the Holm family")
+    return notes
 
 
 def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None = "forget", confidence: float = 0.95,
@@ -367,125 +511,45 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
     trials (suites x conditions x baselines), whichever suites are returned, so adjusted p-values agree
     with the sweep's seed_table.json; "table" = only the returned suites' comparisons.
     Failed trials are listed, not used.
+    Steps: :func:`group_by_condition` -> :func:`summarize_condition` -> :func:`compare_to_baseline`
+    (matched by seed against `full` with the same config apart from rule and k, and `random` with the
+    same config apart from the rule) -> :func:`apply_holm`.
     Returns {"suites", "primary_test", "primary_reason", "family", "conditions", "comparisons",
     "failed", "notes", ...}; every comparison records seeds, both sides' deltas and the differences.
     """
-    if family not in ("sweep", "table"):
-        raise InputError(f"family must be 'sweep' or 'table', got {family!r}")
-    if primary not in PRIMARY_TESTS:
-        raise InputError(f"primary test must be one of {PRIMARY_TESTS}, got {primary!r}")
-    if not 0.0 < confidence < 1.0:
-        raise InputError(f"confidence must be in (0, 1), got {confidence}")
-    if not 0.0 < alpha < 1.0:
-        raise InputError(f"alpha must be in (0, 1), got {alpha}")
-    _check_trials(trials)
+    _check_table_args(family, primary, confidence, alpha)
+    check_trials(trials)
     ok = [t for t in trials if t["status"] == "ok"]
     failed = [{"trial_id": t.get("trial_id"), "config": t.get("config"), "error": t.get("error")}
               for t in trials if t["status"] == "failed"]
-    if suite is None:
-        suites = suites_of(trials)
-    elif isinstance(suite, str):
-        suites = [suite]
-    else:
-        suites = list(suite)
-    for s in suites:
-        if not any(s in t["suites"] for t in ok):
-            raise InputError(f"trials: no ok trial has suite {s!r} (have: {', '.join(suites_of(trials)) or 'none'})")
-
-    conditions: list[dict] = []
-    comparisons: list[dict] = []
-    notes: list[str] = []
+    suites = _wanted_suites(trials, ok, suite)
     extra = varying_keys(ok)
 
     def label(cfg: dict) -> str:
         return condition_label(cfg, extra)
 
+    conditions: list[dict] = []
+    comparisons: list[dict] = []
+    notes: list[str] = []
     tested = suites_of(trials) if family == "sweep" else suites
     for s in tested:
-        # condition key -> {seed: (delta, trial_id)}
-        by_cond: dict[tuple, dict] = {}
-        cfg_of: dict[tuple, dict] = {}
-        for t in ok:
-            if s not in t["suites"]:
-                notes.append(f"{s}: trial {t.get('trial_id')} has no result for this suite")
-                continue
-            m = t["suites"][s]
-            if not isinstance(m, dict) or not isinstance(m.get("delta"), (int, float)):
-                raise InputError(f"trials: {t.get('trial_id')}: suites.{s}.delta missing or not a number")
-            key = condition_key(t["config"])
-            seed = t["config"]["seed"]
-            slot = by_cond.setdefault(key, {})
-            if seed in slot and slot[seed][3] != t["config"]:  # differs only in fields its rule ignores
-                notes.append(f"{s}: {t.get('trial_id')} repeats {slot[seed][1]} ({label(t['config'])} "
-                             f"ignores k/rho; seed {seed}): the first is used")
-                continue
-            if seed in slot:
-                raise InputError(f"trials: {t.get('trial_id')} and {slot[seed][1]}: same condition "
-                                 f"{label(t['config'])} and seed {seed} (suite {s})")
-            slot[seed] = (float(m["delta"]), t.get("trial_id"), m, t["config"])
-            cfg_of[key] = condition_config(t["config"])
-        order = sorted(by_cond, key=lambda k: _sort_key(cfg_of[k]))
-        for key in order:
-            seeds = sorted(by_cond[key], key=_seed_sort)
-            deltas = [by_cond[key][sd][0] for sd in seeds]
-            ti = t_interval(deltas, confidence)
-            ms = [by_cond[key][sd][2] for sd in seeds]
-            conditions.append({
-                "suite": s, "condition": label(cfg_of[key]), "config": cfg_of[key],
-                "seeds": seeds, "trial_ids": [by_cond[key][sd][1] for sd in seeds], "deltas": deltas,
-                "n_seeds": ti["n"], "mean_delta": ti["mean"], "sd_delta": ti["sd"],
-                "ci_low": ti["ci_low"], "ci_high": ti["ci_high"], "confidence": confidence,
-                "interval": "Student t over seeds",
-                "acc_before": [m.get("acc_before") for m in ms], "acc_after": [m.get("acc_after") for m in ms],
-                "n_problems": [m.get("n") for m in ms], "p_values": [m.get("p_value") for m in ms],
-            })
+        groups, group_notes = group_by_condition(ok, s, label)
+        notes += group_notes
+        for group in groups.values():
+            conditions.append(summarize_condition(s, group, label(group.config), confidence))
             for base in baselines:
-                if cfg_of[key].get("rule") == base:
+                bkey = _baseline_key(group.config, base)
+                if group.config.get("rule") == base or bkey not in groups:
                     continue
-                bkey = _baseline_key(cfg_of[key], base)
-                if bkey not in by_cond:
-                    continue
-                matched = [sd for sd in seeds if sd in by_cond[bkey]]
-                unmatched = sorted(set(seeds) ^ set(by_cond[bkey]), key=_seed_sort)
-                x = [by_cond[key][sd][0] for sd in matched]
-                y = [by_cond[bkey][sd][0] for sd in matched]
-                tests = paired_tests(x, y, confidence)
-                p_primary = tests[primary]["p_value"]
-                comparisons.append({
-                    "suite": s, "condition": label(cfg_of[key]), "baseline": base,
-                    "baseline_condition": label(cfg_of[bkey]), "seeds": matched,
-                    "unmatched_seeds": unmatched, "n": len(matched), "deltas": x, "baseline_deltas": y,
-                    "differences": tests["differences"], "mean_difference": tests["mean_difference"],
-                    "ttest": tests["ttest"], "wilcoxon": tests["wilcoxon"], "sign": tests["sign"],
-                    "exact_p_floor": tests["exact_p_floor"], "primary_test": primary,
-                    "p_raw": p_primary, "p_holm": None, "reject": None,
-                    "in_family": p_primary is not None,
-                })
-    # Holm over the whole family (every testable primary comparison in this table)
-    fam = [c for c in comparisons if c["in_family"]]
-    adj, rej = holm_reject([c["p_raw"] for c in fam], alpha)
-    for c, pa, r in zip(fam, adj, rej):
-        c["p_holm"], c["reject"] = pa, r
-    # the secondary (exact Wilcoxon) p-values adjusted over the same family, for reference
-    adj_w, _ = holm_reject([c["wilcoxon"]["p_value"] for c in fam], alpha)
-    for c, pa in zip(fam, adj_w):
-        c["wilcoxon"]["p_holm"] = pa
-    fam_suites = [x for x in tested if any(c["suite"] == x for c in fam)] or tested
-    fam_info = {"scope": ("sweep: every suite (" if family == "sweep" else "table: suites (")
-                + ", ".join(fam_suites) + ") x condition x baseline",
-                "method": "holm", "implementation": "statsmodels multipletests(method='holm')", "alpha": alpha,
-                "size": len(fam), "n_rejected": int(sum(rej)), "suites": fam_suites}
+                comparisons.append(compare_to_baseline(s, group, groups[bkey], base,
+                                                       (label(group.config), label(groups[bkey].config)),
+                                                       confidence, primary))
+    fam_info = apply_holm(comparisons, alpha, tested, family)
     conditions = [c for c in conditions if c["suite"] in suites]
     comparisons = [c for c in comparisons if c["suite"] in suites]
     notes = [n for n in notes if n.split(":", 1)[0] in suites]
     floors = sorted({c["exact_p_floor"] for c in comparisons})
-    if comparisons and max(c["n"] for c in comparisons) <= 5:
-        notes.append("every comparison has <= 5 matched seeds: the exact Wilcoxon / sign tests cannot reach "
-                     f"p < 0.05 (two-sided floor 2/2^n; floors here: {', '.join(f'{f:.4g}' for f in floors)})")
-    excluded = [c for c in comparisons if not c["in_family"]]
-    for c in excluded:
-        notes.append(f"{c['suite']}: {c['condition']} vs {c['baseline']}: not tested ({c['ttest']['note']}); "
-                     "left out of the Holm family")
+    notes += _power_notes(comparisons, floors)
     return {
         "suites": suites, "primary_test": primary, "primary_reason": PRIMARY_REASON[primary],
         "alternative": "two-sided", "confidence": confidence, "baselines": list(baselines),
@@ -497,113 +561,7 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
     }
 
 
-_RULE_ORDER = ("mast", "full", "random", "attention", "off_principal", "magnitude", "coupling")
-_OBJ_ORDER = ("ga", "npo", "simnpo")
-
-
-def _order(value, order) -> tuple:
-    return (order.index(value), "") if value in order else (len(order), str(value))
-
-
-def _seed_sort(s) -> tuple:
-    return (0, s, "") if isinstance(s, (int, float)) else (1, 0, str(s))
-
-
-def _sort_key(cfg: dict) -> tuple:
-    k = cfg.get("k")
-    return (_order(cfg.get("objective"), _OBJ_ORDER), _order(cfg.get("rule"), _RULE_ORDER),
-            (0, k) if isinstance(k, (int, float)) else (1, 0),
-            json.dumps({x: v for x, v in cfg.items() if x not in ("rule", "objective", "k")}, sort_keys=True))
-
-
-# --------------------------------------------------------------------------- reading results (I/O)
-
-
-def _coerce(v: str):
-    s = v.strip()
-    if s in ("", "None", "null", "nan", "NaN"):
-        return None
-    if s.lower() in ("true", "false"):
-        return s.lower() == "true"
-    for f in (int, float):
-        try:
-            return f(s)
-        except ValueError:
-            pass
-    return s
-
-
-_MCN_COL = re.compile(r"^(?P<suite>.+?)[/.](?P<field>" + "|".join(MCNEMAR_KEYS) + r")$")
-
-
-def _trials_from_csv(path: Path) -> list[dict]:
-    """Wide CSV: one row per trial; columns `<suite>/<field>` or `<suite>.<field>` (McNemar fields),
-    `trial_id`, `status`, `error`, and config columns (prefixes `params.`/`metrics.`/`config.` ignored)."""
-    import csv
-
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for i, r in enumerate(rows, 2):
-        t: dict = {"trial_id": None, "status": "ok", "error": None, "config": {}, "suites": {}}
-        for col, val in r.items():
-            if col is None:
-                raise InputError(f"{path}:{i}: more fields than the header")
-            name = re.sub(r"^(params|metrics|config)\.", "", col.strip())
-            m = _MCN_COL.match(name)
-            if m:
-                v = _coerce(val or "")
-                if v is not None:
-                    t["suites"].setdefault(m["suite"], {})[m["field"]] = v
-            elif name in ("trial_id", "status", "error"):
-                t[name] = (val or "").strip() or None
-            elif name in ("run_id", "mlflow_run_id"):
-                continue
-            else:
-                t["config"][name] = _coerce(val or "")
-        t["status"] = t["status"] or "ok"
-        t["trial_id"] = t["trial_id"] or f"row{i}"
-        out.append(t)
-    if not out:
-        raise InputError(f"{path}: no rows")
-    return out
-
-
-def load_trials(results: str | Path) -> list[dict]:
-    """Per-trial rows from a sweep folder (its trials.jsonl), a trials JSONL file, or a wide CSV."""
-    p = Path(results)
-    if p.is_dir():
-        if not (p / "trials.jsonl").is_file():
-            raise InputError(f"{p}: no trials.jsonl in this folder (not a sweep folder?)")
-        p = p / "trials.jsonl"
-    if not p.exists():
-        raise InputError(f"{p}: file not found")
-    if p.suffix.lower() == ".csv":
-        trials = _trials_from_csv(p)
-    else:
-        trials = read_jsonl(p, required=("status", "config"))
-    if not trials:
-        raise InputError(f"{p}: no trials")
-    try:
-        _check_trials(trials)
-    except InputError as e:
-        raise InputError(f"{p}: {e}") from None
-    return trials
-
-
 # --------------------------------------------------------------------------- text rendering
-
-
-def _pp(x, signed: bool = True) -> str:
-    if x is None:
-        return "-"
-    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
-
-
-def _p(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.2g}" if x < 0.001 else f"{x:.4f}"
 
 
 def format_seed_table(table: dict) -> str:
@@ -616,8 +574,8 @@ def format_seed_table(table: dict) -> str:
         lines.append(f"== suite {s}")
         lines.append(f"{'condition':<34} {'seeds':>5} {'mean delta':>10} {'CI':>17}")
         for c in (c for c in table["conditions"] if c["suite"] == s):
-            ci = f"[{_pp(c['ci_low'])}, {_pp(c['ci_high'])}]" if c["ci_low"] is not None else "-"
-            lines.append(f"{c['condition']:<34} {c['n_seeds']:>5} {_pp(c['mean_delta']):>10} {ci:>17}")
+            ci = fmt_ci(c["ci_low"], c["ci_high"])
+            lines.append(f"{c['condition']:<34} {c['n_seeds']:>5} {fmt_pp(c['mean_delta']):>10} {ci:>17}")
         comps = [c for c in table["comparisons"] if c["suite"] == s]
         if comps:
             lines.append(f"{'comparison':<46} {'n':>2} {'mean diff':>9} {'p t':>8} {'p Wilcoxon':>10} "
@@ -625,9 +583,9 @@ def format_seed_table(table: dict) -> str:
             for c in comps:
                 rej = "-" if c["reject"] is None else ("yes" if c["reject"] else "no")
                 lines.append(f"{c['condition'] + ' vs ' + c['baseline']:<46} {c['n']:>2} "
-                             f"{_pp(c['mean_difference']):>9} {_p(c['ttest']['p_value']):>8} "
-                             f"{_p(c['wilcoxon']['p_value']):>10} {_p(c['sign']['p_value']):>7} "
-                             f"{_p(c['p_holm']):>8} {rej:>6}")
+                             f"{fmt_pp(c['mean_difference']):>9} {fmt_p(c['ttest']['p_value']):>8} "
+                             f"{fmt_p(c['wilcoxon']['p_value']):>10} {fmt_p(c['sign']['p_value']):>7} "
+                             f"{fmt_p(c['p_holm']):>8} {rej:>6}")
     if table["failed"]:
         lines.append("")
         lines.append(f"failed trials ({len(table['failed'])}, not used):")

@@ -17,17 +17,25 @@ timestamps fixed by the trial's result (identical (key, step, timestamp, value) 
 dropped by the store), per-problem tables are rewritten rather than appended, and a run
 ends FINISHED only when its trial succeeded. ``mast.sweep_id`` is fresh for every new sweep
 (kept in sweep.json), so two sweeps sharing an experiment name on one server never mix.
+
+Every MLflow access of the platform is in this module: the sweep's runs (:class:`Tracker`),
+the parent run's summary (:func:`log_sweep_parent`) and reading a finished sweep back for a
+report (:func:`fetch_sweep`), all through one run lookup (:func:`search_runs`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mast.files import InputError, read_json, read_jsonl, write_json
+from mast.layout import PARENT_ARTIFACTS, SweepDir, TrialDir
 
 TAG_SWEEP = "mast.sweep_id"
 TAG_TRIAL = "mast.trial_id"
@@ -38,7 +46,7 @@ MAX_PARAM_LEN = 6000
 
 def default_uri(sweep_dir: str | os.PathLike) -> str:
     """The default store: a SQLite file in the sweep folder (absolute, so Ray workers agree)."""
-    return f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{SweepDir(sweep_dir).mlflow_db}"
 
 
 def resolve_uri(spec_uri: str | None, sweep_dir: str | os.PathLike) -> str:
@@ -67,7 +75,7 @@ def init_experiment(uri: str, name: str, sweep_dir: str | os.PathLike) -> str:
     c = client(uri)  # a SQLite store is created and migrated here, once, before any trial
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        location = (Path(sweep_dir).resolve() / "mlartifacts").as_uri() if is_local_store(uri) else None
+        location = SweepDir(sweep_dir).mlartifacts.as_uri() if is_local_store(uri) else None
         try:
             return c.create_experiment(name, artifact_location=location)
         except MlflowException:  # created concurrently by another driver
@@ -104,6 +112,19 @@ def _quote(v: str) -> str:
     return "'" + str(v).replace("'", "\\'") + "'"
 
 
+def search_runs(c, experiment_id: str, tags: dict[str, str], newest_first: bool = False) -> list:
+    """Active runs of an experiment carrying every tag given (keys may contain dots), all pages."""
+    flt = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
+    order = ["attributes.start_time " + ("DESC" if newest_first else "ASC")]
+    runs, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=flt, max_results=1000, order_by=order, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 @dataclass
 class Tracker:
     """A picklable handle on one sweep's experiment (the client is made lazily per process)."""
@@ -126,19 +147,14 @@ class Tracker:
 
     def find_runs(self, **tags: str) -> list:
         """Active runs of this sweep carrying every tag given (keys may contain dots)."""
-        tags = {TAG_SWEEP: self.sweep_id, **tags}
-        flt = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1000,
-                                           order_by=["attributes.start_time ASC"], page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return search_runs(self.client, self.experiment_id, {TAG_SWEEP: self.sweep_id, **tags})
 
     def child_runs(self) -> list:
         return self.find_runs(**{TAG_ROLE: "trial"})
+
+    def trial_run_ids(self) -> dict[str, str]:
+        """trial id -> its child run id, for every trial run of this sweep."""
+        return {r.data.tags.get(TAG_TRIAL): r.info.run_id for r in self.child_runs()}
 
     def _get_or_create(self, run_name: str, tags: dict[str, str], lookup: dict[str, str]) -> str:
         found = self.find_runs(**lookup)
@@ -179,6 +195,9 @@ class Tracker:
         if new:
             self.client.log_batch(run_id, params=new)
 
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp: int | None = None) -> None:
         self.log_metric_rows(run_id, [(k, v, step) for k, v in metrics.items()], timestamp)
 
@@ -209,7 +228,7 @@ class Tracker:
             pd.DataFrame(table).to_json(p, orient="split", index=False, date_format="iso")
             c.log_artifact(run_id, str(p), artifact_path=d)
 
-    def log_trial(self, run_id: str, row: dict, trial_dir: str | os.PathLike, losses: list[dict],
+    def log_trial(self, run_id: str, row: dict, trial_dir: TrialDir | str | os.PathLike, losses: list[dict],
                   tables: dict[str, dict[str, list]], timestamp: int | None = None) -> None:
         """Everything a finished trial leaves in MLflow (its run then ends FINISHED).
 
@@ -225,10 +244,9 @@ class Tracker:
         self.log_metric_rows(run_id, rows, timestamp)
         for suite, table in tables.items():
             self.log_table(run_id, table, f"results/{suite}.json")
-        trial_dir = Path(trial_dir)
-        for name in ("config.json", "selection.json", "losses.jsonl", "result.json", "probe.json"):
-            if (trial_dir / name).is_file():
-                self.client.log_artifact(run_id, str(trial_dir / name))
+        td = trial_dir if isinstance(trial_dir, TrialDir) else TrialDir(Path(trial_dir))
+        for path in td.artifacts():
+            self.client.log_artifact(run_id, str(path))
         self.client.set_tag(run_id, "mast.status", row.get("status", "ok"))
         self.client.set_terminated(run_id, "FINISHED")
 
@@ -243,3 +261,108 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+
+# --------------------------------------------------------------------------- the sweep's parent run
+
+
+def log_sweep_parent(tracker: Tracker, parent_run_id: str, sweep_dir: SweepDir, rows: list[dict],
+                     table: dict | None, baseline_accuracy: dict[str, float]) -> None:
+    """Parent run: spec, split ids, baselines, trials table, seed-level significance, Holm, report."""
+    c, sd = tracker.client, sweep_dir
+    ts = int(time.time() * 1000)
+    tracker.log_metrics(parent_run_id, {f"baseline/{n}/accuracy": a for n, a in baseline_accuracy.items()}
+                        | {"trials/ok": sum(r["status"] == "ok" for r in rows),
+                           "trials/failed": sum(r["status"] != "ok" for r in rows)}, timestamp=ts)
+    for path in (sd.spec, sd.manifest, sd.trials_jsonl, sd.seed_table):
+        if path.is_file():
+            c.log_artifact(parent_run_id, str(path))
+    splits = {"forget_texts": [p["id"] for p in read_jsonl(sd.forget_texts)],
+              "retain_texts": [p["id"] for p in read_jsonl(sd.retain_texts)]}
+    for f in sorted(sd.suites.glob("*.jsonl")):
+        splits[f"suite:{f.stem}"] = [p["id"] for p in read_jsonl(f)]
+    c.log_dict(parent_run_id, splits, "splits/split_ids.json")
+    c.log_artifacts(parent_run_id, str(sd.baseline), "baseline")
+    c.log_artifact(parent_run_id, str(sd.prepared_manifest), "baseline")
+    if table is not None:
+        c.log_dict(parent_run_id, table, "significance/seed_table.json")
+        holm = [{k: cmp.get(k) for k in ("suite", "condition", "baseline", "n", "mean_difference", "p_raw",
+                                         "p_holm", "reject")} for cmp in table.get("comparisons", [])]
+        c.log_dict(parent_run_id, {"family": table.get("family"), "comparisons": holm}, "significance/holm.json")
+        for cmp in table.get("comparisons", []):
+            if cmp.get("p_holm") is not None:
+                key = re.sub(r"[^A-Za-z0-9_\-./ ]", "_", f"holm/{cmp['suite']}/{cmp['condition']}_vs_{cmp['baseline']}")
+                tracker.log_metrics(parent_run_id, {key: cmp["p_holm"]}, timestamp=ts)
+    if sd.report.is_dir():
+        c.log_artifacts(parent_run_id, str(sd.report), "report")
+
+
+# --------------------------------------------------------------------------- reading a sweep back
+
+
+@dataclass
+class FetchedSweep:
+    """A sweep folder rebuilt from MLflow, and where its runs are."""
+
+    sweep: SweepDir
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def fetch_trial_file(self, trial_id: str, name: str, run_id: str | None = None) -> bool:
+        """Download a trial's artifact (e.g. selection.json) into trials/<id>/; False when it has none."""
+        import mlflow.artifacts
+
+        c = client(self.uri)
+        run_id = run_id or next((r.info.run_id for r in search_runs(
+            c, self.experiment_id, {TAG_TRIAL: trial_id, TAG_PARENT: self.parent_run_id})), None)
+        if not run_id or name not in {f.path for f in c.list_artifacts(run_id)}:
+            return False
+        td = self.sweep.trial(trial_id)
+        td.root.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(td.root),
+                                            tracking_uri=self.uri)
+        return True
+
+
+def fetch_sweep(experiment: str, uri: str, dest: str | os.PathLike) -> FetchedSweep:
+    """Rebuild a minimal sweep folder in `dest` from the experiment's latest parent run's artifacts.
+
+    The parent run carries tag ``mast.role = parent``; its artifacts trials.jsonl (required),
+    seed_table.json, spec.yaml and sweep.json are downloaded; without sweep.json the run's
+    tags and params stand in.
+    """
+    import mlflow.artifacts
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise InputError(f"--experiment {experiment}: no such experiment at {uri}")
+    runs = search_runs(c, exp.experiment_id, {TAG_ROLE: "parent"}, newest_first=True)
+    if not runs:
+        raise InputError(f"--experiment {experiment}: no sweep parent run (tag {TAG_ROLE}=parent)")
+    parent = runs[0]
+    run_id = parent.info.run_id
+    sd = SweepDir(dest)
+    sd.root.mkdir(parents=True, exist_ok=True)
+    have = {f.path for f in c.list_artifacts(run_id)}
+    if sd.trials_jsonl.name not in have:
+        raise InputError(f"--experiment {experiment}: parent run {run_id} has no trials.jsonl artifact "
+                         f"(has: {', '.join(sorted(have)) or 'none'}); the sweep has not finished?")
+    for name in PARENT_ARTIFACTS:
+        if name in have:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(sd.root),
+                                                tracking_uri=uri)
+    if not sd.manifest.is_file():
+        tags, params = parent.data.tags, parent.data.params
+        info = {"name": tags.get("mast.sweep") or parent.info.run_name, "experiment": experiment,
+                "tracking_uri": uri, "parent_run_id": run_id, "sweep_id": tags.get(TAG_SWEEP)}
+        for k in ("spec_hash", "code_version", "n_trials"):
+            if k in params or f"mast.{k}" in tags:
+                info[k] = params.get(k, tags.get(f"mast.{k}"))
+        write_json(sd.manifest, info)
+    if len(runs) > 1:
+        info = read_json(sd.manifest)
+        info["note"] = f"{len(runs)} parent runs in the experiment; the latest ({run_id}) is reported"
+        write_json(sd.manifest, info)
+    return FetchedSweep(sd, uri, exp.experiment_id, run_id)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_stats import CANDIDATES, make_trials  # noqa: I001  (tests/ is on sys.path under pytest)
 
-from mast import report, stats
+from mast import doc, plots, report, stats
 from mast.cli import main
 from mast.files import read_jsonl, write_json, write_jsonl
 
@@ -62,15 +62,15 @@ def _correct(path: Path) -> int:
 
 def test_pure_helpers():
     pts = [(1, 1), (2, 0), (0, 2), (0.5, 0.5), (2, -1), (1, 1)]
-    assert report.pareto_front(pts) == [2, 0, 5, 1]
-    assert report.parse_tensor_name("model.layers.12.self_attn.v_proj.weight") == (12, "v_proj")
-    assert report.parse_tensor_name("model.embed_tokens.weight") is None
-    layers, projs, freq, other = report.selection_frequency(
+    assert plots.pareto_front(pts) == [2, 0, 5, 1]
+    assert plots.parse_tensor_name("model.layers.12.self_attn.v_proj.weight") == (12, "v_proj")
+    assert plots.parse_tensor_name("model.embed_tokens.weight") is None
+    layers, projs, freq, other = plots.selection_frequency(
         [["model.layers.1.self_attn.q_proj.weight", "lm_head.weight"], ["model.layers.1.self_attn.q_proj.weight",
                                                                          "model.layers.0.self_attn.o_proj.weight"]])
     assert (layers, projs, other) == ([0, 1], ["q_proj", "o_proj"], 1)
     assert freq == [[0.0, 0.5], [1.0, 0.0]]
-    assert report.fmt_pp(-8 / 150) == "-5.3" and report.fmt_p(0.0078125) == "0.0078"
+    assert doc.fmt_pp(-8 / 150) == "-5.3" and doc.fmt_p(0.0078125) == "0.0078"
 
 
 def test_fixture_is_what_a_sweep_writes(sweep):
@@ -118,11 +118,11 @@ def test_report_tables_match_per_trial_results(sweep, built):
     t = next(t for t in trials if t["trial_id"] == "mast_npo_k8_s0")
     m = t["suites"]["forget"]
     after = _correct(sweep / "trials" / "mast_npo_k8_s0" / "results" / "forget.jsonl")
-    assert f"{base_forget}/{n_forget} → {after}/{n_forget}; p={report.fmt_p(m['p_value'])}" in md
+    assert f"{base_forget}/{n_forget} → {after}/{n_forget}; p={doc.fmt_p(m['p_value'])}" in md
     # every comparison's raw and Holm p are in the significance table
     for c in data["seed_table"]["comparisons"]:
         assert re.search(rf"\| {re.escape(c['condition'])} \| {c['baseline']} \| 3 \|.*\| "
-                         rf"\*?\*?{re.escape(report.fmt_p(c['p_holm']))}", md), (c["condition"], c["baseline"])
+                         rf"\*?\*?{re.escape(doc.fmt_p(c['p_holm']))}", md), (c["condition"], c["baseline"])
     assert "mast_simnpo_k2_s0" in md and "UnlearnDiverged: loss is nan at step 3" in md
     assert "deadbeef0001" in md and "grid: {rule: [mast, full, random]" in md
     assert "cannot reach p < 0.05" in md
@@ -150,7 +150,7 @@ def test_single_seed_sweep_paper_form(tmp_path):
         assert (row["suites"]["retain"]["ci_low"], row["suites"]["retain"]["ci_high"]) == (m["ci_low"], m["ci_high"])
         f = trials[row["trial_ids"][0]]["suites"]["forget"]
         b, a = round(f["acc_before"] * f["n"]), round(f["acc_after"] * f["n"])
-        assert f"| {row['condition']} | 1 | {b}/{f['n']} → {a}/{f['n']} | {report.fmt_p(f['p_value'])} |" in md
+        assert f"| {row['condition']} | 1 | {b}/{f['n']} → {a}/{f['n']} | {doc.fmt_p(f['p_value'])} |" in md
     assert not (out / "prefix_recovery.png").exists() and "No prefix-recovery probe" in md
     assert "Failed trials" in md
 

@@ -390,7 +390,24 @@ def test_seed_table_single_seed_is_not_tested():
     assert table["family"]["size"] == 0
     assert all(c["p_raw"] is None and c["reject"] is None for c in table["comparisons"])
     assert any("left out of the Holm family" in n for n in table["notes"])
-    assert stats.format_seed_table(table)
+    text = stats.format_seed_table(table)
+    assert "mast/npo/k=2 vs full" in text and "left out of the Holm family" in text
+
+
+def test_text_table_formats_numbers_as_the_report_does():
+    """`mast stats seeds` and the report print p-values and deltas with the same formatters (mast.doc)."""
+    from mast.doc import fmt_ci, fmt_p, fmt_pp
+
+    assert (fmt_p(1e-4), fmt_p(0.0078125), fmt_p(1.0), fmt_p(None)) == ("1.0e-04", "0.0078", "1", "–")
+    trials, _, _ = make_trials(ks=(2,), objectives=("npo",))
+    table = stats.seed_level_table(trials)
+    text = stats.format_seed_table(table)
+    for c in table["comparisons"]:
+        line = next(x for x in text.splitlines() if x.startswith(f"{c['condition']} vs {c['baseline']} "))
+        assert line.split()[-2:] == [fmt_p(c["p_holm"]), {None: "-", True: "yes", False: "no"}[c["reject"]]]
+        assert fmt_p(c["ttest"]["p_value"]) in line and fmt_pp(c["mean_difference"]) in line
+    for c in table["conditions"]:
+        assert fmt_ci(c["ci_low"], c["ci_high"]) in text
 
 
 # --------------------------------------------------------------------------- CLI

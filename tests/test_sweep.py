@@ -11,7 +11,8 @@ import yaml
 from mast.cli import main
 from mast.config import SweepSpec, load_yaml, validate
 from mast.files import InputError
-from mast.sweep import expand_grid, spec_hash, trial_id
+from mast.grid import expand_grid, spec_hash, trial_id, trial_params
+from mast.layout import SweepDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,8 @@ def test_grid_point_overrides_specs_and_seed_sets_both():
     spec = _spec(grid={"rule": ["random"], "seed": [7], "lr": [3e-4]}, selection={"k": 3},
                  unlearning={"steps": 5, "objective": "simnpo"})
     (t,) = expand_grid(spec).trials
-    assert t.selection["rule"] == "random" and t.selection["seed"] == 7 and t.selection["k"] == 3
-    assert t.unlearning["seed"] == 7 and t.unlearning["lr"] == 3e-4 and t.unlearning["steps"] == 5
+    assert t.selection.rule == "random" and t.selection.seed == 7 and t.selection.k == 3
+    assert t.unlearning.seed == 7 and t.unlearning.lr == 3e-4 and t.unlearning.steps == 5
     assert t.config == {"rule": "random", "objective": "simnpo", "k": 3, "seed": 7, "lr": 3e-4}
     assert t.trial_id == "random-simnpo-k3-s7-lr0.0003"
 
@@ -82,13 +83,74 @@ def test_spec_hash_ignores_where_not_what():
     assert spec_hash(a) == spec_hash(b) != spec_hash(_spec(grid={"rule": ["full"]}))
 
 
+# --------------------------------------------------------------------------- MLflow params of a trial
+
+
+def test_trial_params_are_the_resolved_config_without_ignored_fields():
+    spec = _spec(grid={"rule": ["mast", "random", "full"], "objective": ["npo", "ga"], "k": [4]},
+                 selection={"rho": 0.1}, unlearning={"lr": 3e-5, "steps": 20, "alpha": 0.5, "retain_scale": "match"})
+    params = {t.trial_id: trial_params(t) for t in expand_grid(spec).trials}
+    mast, rnd, full = params["mast-npo-k4-s0"], params["random-npo-k4-s0"], params["full-npo-s0"]
+    # everything that determines the trial, not only the grid axes
+    for p in (mast, rnd, full):
+        assert (p["lr"], p["steps"], p["alpha"], p["retain"], p["retain_scale"]) == (3e-5, 20, 0.5, "nll", "match")
+        assert {"batch_size", "max_length", "texts", "seed", "objective", "max_grad_norm", "bf16",
+                "selection.seed", "selection.candidates", "selection.max_length"} <= set(p)
+    # k / rho only where the rule uses them (registry facts)
+    assert (mast["k"], mast["rho"]) == (4, 0.1)
+    assert rnd["k"] == 4 and "rho" not in rnd
+    assert "k" not in full and "rho" not in full and full["rule"] == "full"
+    # beta is the effective one (unset: the objective's default); GA has none
+    assert mast["beta"] == 0.1 and "beta" not in params["mast-ga-k4-s0"]
+    assert trial_params(expand_grid(_spec(unlearning={"objective": "simnpo", "beta": 3.0})).trials[0])["beta"] == 3.0
+
+
+# --------------------------------------------------------------------------- the sweep folder
+
+
+def test_sweep_dir_knows_every_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sd = SweepDir("runs/x")
+    assert sd.root == tmp_path / "runs" / "x" and sd.root.is_absolute()  # Ray workers have other CWDs
+    assert sd.manifest == sd.root / "sweep.json" and sd.spec == sd.root / "spec.yaml"
+    assert sd.mlflow_db == sd.root / "mlflow.db" and sd.trials_jsonl == sd.root / "trials.jsonl"
+    assert sd.baseline_results("forget") == sd.root / "prepared" / "baseline" / "forget.jsonl"
+    assert sd.baseline_probe("forget") == sd.root / "prepared" / "baseline" / "forget.probe.json"
+    assert sd.suite_problems("gsm8k") == sd.root / "prepared" / "suites" / "gsm8k.jsonl"
+    td = sd.trial("mast-npo-k8-s0")
+    assert td.result == sd.root / "trials" / "mast-npo-k8-s0" / "result.json" and td.trial_id == "mast-npo-k8-s0"
+    assert td.results("retain") == td.root / "results" / "retain.jsonl"
+    assert not sd.exists()
+    td.root.mkdir(parents=True)
+    assert sd.exists()  # a trials folder alone means a sweep started here
+    (td.root / "selection.json").write_text("{}")
+    (td.root / "result.json").write_text("{}")
+    assert td.artifacts() == [td.selection, td.result]
+
+
+def test_trial_row_is_built_in_one_shape():
+    from mast.trial import TrialRow
+
+    grid = expand_grid(_spec(grid={"rule": ["full"]}))
+    failed = TrialRow.failed(grid.trials[0], "did not run").to_dict()
+    assert failed == {"trial_id": "full-npo-s0", "status": "failed", "error": "did not run",
+                      "config": grid.trials[0].config, "suites": {}, "probe": None, "selected": [],
+                      "mlflow_run_id": None}
+    partial = TrialRow("t", "ok", None, {"rule": "mast", "seed": 0}, suites={"forget": {"delta": 0.1}},
+                       all_parameters=False, timing={"finished": 1.0}, partial=True)
+    assert TrialRow.from_dict(partial.to_dict()) == partial
+    final = partial.final().to_dict()
+    assert "partial" not in final and final["stopped_early"] is True and final["suites"] == {"forget": {"delta": 0.1}}
+    assert "stopped_early" not in TrialRow.from_dict({**partial.to_dict(), "partial": None}).final().to_dict()
+
+
 # --------------------------------------------------------------------------- shipped specs
 
 
 @pytest.mark.parametrize("name", ["demo", "paper", "qwen3"])
 def test_shipped_specs_load_and_expand(name):
     spec = load_yaml(ROOT / "sweeps" / f"{name}.yaml", SweepSpec)
-    from mast.sweep import check_spec
+    from mast.grid import check_spec
 
     check_spec(spec, name)
     g = expand_grid(spec, name)
@@ -159,7 +221,7 @@ def test_existing_sweep_needs_resume_and_same_spec(tmp_path, capsys):
 def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
     """Splits are disjoint; the target is evaluated once per suite; a second prepare reuses it all."""
     from mast.files import read_jsonl
-    from mast.sweep import prepare
+    from mast.prepare import prepare
 
     reference, target = tiny_pair
     spec = _spec(models={"reference": str(reference), "target": str(target)},
@@ -169,12 +231,15 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
                              "template": "boxed_user", "decoding": {"max_tokens": 4}, "batch_size": 8})
     out = tmp_path / "sweep"
     got = prepare(spec, out, str(data_dir))
-    assert got["evaluations"] == {"forget": 1, "retain": 1, "gsm8k": 1}
-    assert list(got["suites"]) == ["forget", "gsm8k", "retain"]  # forget (the scheduler's metric) first
-    assert all(s["template"] == "boxed_user" and s["decoding"]["max_tokens"] == 4 for s in got["suites"].values())
+    assert got.evaluations == {"forget": 1, "retain": 1, "gsm8k": 1}
+    assert list(got.suites) == ["forget", "gsm8k", "retain"]  # forget (the scheduler's metric) first
+    assert all(s.template == "boxed_user" and s.decoding.max_tokens == 4 for s in got.suites.values())
     p = out / "prepared"
     forget, retain_texts = read_jsonl(p / "forget.jsonl"), read_jsonl(p / "retain.jsonl")
     retain_suite = read_jsonl(p / "suites" / "retain.jsonl")
+    sd = SweepDir(out)
+    assert sd.prepared_manifest.is_file() and read_jsonl(sd.forget_texts) == forget
+    assert all(sd.baseline_results(n).is_file() and sd.suite_problems(n).is_file() for n in got.suites)
     assert [len(forget), len(retain_texts), len(retain_suite)] == [4, 2, 3]
     ids = [x["id"] for x in forget + retain_texts + retain_suite]
     assert len(set(ids)) == len(ids)  # three disjoint draws
@@ -182,10 +247,38 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
     assert len(read_jsonl(p / "baseline" / "gsm8k.jsonl")) == 2
     assert {q.parent.name for q in (p / "selection_cache").rglob("*.json")} >= {"spectral", "coupling"}
     again = prepare(spec, out, str(data_dir))
-    assert again["evaluations"] == {"forget": 0, "retain": 0, "gsm8k": 0} and again["key"] == got["key"]
+    assert again.evaluations == {"forget": 0, "retain": 0, "gsm8k": 0} and again.key == got.key
+    assert again.suites == got.suites and again.manifest() == got.manifest()  # the cache reads back the same
     changed = _spec(**{**spec.model_dump(), "data": {**spec.data.model_dump(), "split_seed": 2}})
     with pytest.raises(InputError, match="inputs changed since it started"):
         prepare(changed, out, str(data_dir))
+
+
+def test_prepare_generated_texts_and_target_correct_forget(tmp_path, tiny_pair, data_dir):
+    """texts=generated: the target's own correct answers replace the reference solutions (else kept);
+    require_target_correct: an untrained target solving too few candidates is an input error."""
+    from mast.files import read_jsonl
+    from mast.prepare import prepare
+
+    reference, target = tiny_pair
+    common = {"models": {"reference": str(reference), "target": str(target)},
+              "data": {"forget_size": 3, "retain_size": 2, "retain_train_size": 2},
+              "selection": {"max_length": 256},
+              "evaluation": {"suites": ["forget", "retain"], "template": "boxed_user",
+                             "decoding": {"max_tokens": 4}, "batch_size": 8}}
+    got = prepare(_spec(**common, unlearning={"texts": "generated"}), tmp_path / "gen", str(data_dir))
+    sd = SweepDir(tmp_path / "gen")
+    assert got.generated_texts and got.evaluations == {"forget": 1, "retain": 1}
+    gen, forget = read_jsonl(sd.forget_generated), read_jsonl(sd.forget_texts)
+    base = {r["id"]: r for r in read_jsonl(sd.baseline_results("forget"))}
+    assert [g["id"] for g in gen] == [f["id"] for f in forget]
+    for g, f in zip(gen, forget):
+        own = base[g["id"]]
+        assert g["text_source"] == ("target" if own["correct"] else "reference")
+        assert g["solution"] == (own["response"] if own["correct"] else f["solution"])
+    strict = _spec(**{**common, "data": {**common["data"], "require_target_correct": True}})
+    with pytest.raises(InputError, match=r"the target solves only \d+ of 12 candidates; need forget_size=3"):
+        prepare(strict, tmp_path / "strict", str(data_dir))
 
 
 # --------------------------------------------------------------------------- slow: real Ray + MLflow on the toy
@@ -255,7 +348,11 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
         for s in ("forget", "retain"):
             assert {f"{s}/accuracy", f"{s}/delta", f"{s}/mcnemar_p", f"{s}/ci_low", f"{s}/ci_high"} <= set(
                 r.data.metrics)
-        assert r.data.params["rule"] in ("mast", "full") and "seed" in r.data.params
+        p = r.data.params
+        assert p["rule"] in ("mast", "full") and "seed" in p
+        # the resolved config, and k / rho only for the rule that uses them
+        assert (p["lr"], p["steps"], p["batch_size"], p["beta"], p["retain"]) == ("0.001", "2", "4", "0.1", "nll")
+        assert ("k" in p, "rho" in p) == ((True, True) if p["rule"] == "mast" else (False, False))
         assert len(c.get_metric_history(r.info.run_id, "train/total")) == 2  # 2 steps
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert "selection.json" in arts and {a.path for a in c.list_artifacts(r.info.run_id, "results")} == {

@@ -91,6 +91,25 @@ def test_other_sweeps_runs_are_not_reused(tmp_path, tracker):
     other = Tracker(tracker.uri, tracker.experiment_id, "sweep2")
     assert other.trial_run(other.parent_run("demo"), "full-npo-s0", {"rule": "full"}) != r1
     assert len(tracker.child_runs()) == 1 and len(other.child_runs()) == 1
+    assert tracker.trial_run_ids() == {"full-npo-s0": r1}
+
+
+def test_trial_run_logs_the_resolved_config(tracker):
+    """A sweep's child run carries grid.trial_params: the full config, no k for a rule without k."""
+    from mast.config import SweepSpec, validate
+    from mast.grid import expand_grid, trial_params
+
+    spec = validate(SweepSpec, {"name": "t", "models": {"toy": {"seed": 0}}, "grid": {"rule": ["full", "mast"]},
+                                "unlearning": {"lr": 3e-5, "steps": 20}}, "spec")
+    parent = tracker.parent_run("demo")
+    got = {}
+    for t in expand_grid(spec).trials:
+        run_id = tracker.trial_run(parent, t.trial_id, trial_params(t))
+        got[t.trial_id] = tracker.client.get_run(run_id).data.params
+    full, mast = got["full-npo-s0"], got["mast-npo-k8-s0"]
+    assert (full["lr"], full["steps"], full["beta"], full["retain_scale"]) == ("3e-05", "20", "0.1", "token")
+    assert "k" not in full and "rho" not in full
+    assert (mast["k"], mast["rho"]) == ("8", "0.05")
 
 
 def test_tracker_pickles_without_client(tracker):

@@ -1,0 +1,397 @@
+"""Once-per-sweep work, cached in ``<sweep>/prepared`` (content-addressed): models, splits,
+suites, the TARGET's baseline results on every suite, selection statistics.
+
+Which data is which:
+- MATH (``models.reference/target``): the forget split (``data.forget_size`` problems of the
+  MATH pool = MATH minus MATH-500) is both what is unlearned and the ``forget`` suite (the
+  paper's 45/150 -> 37/150 is measured on the forget set itself); the ``retain`` suite is a
+  disjoint draw (``data.retain_size``); the unlearning retain loss uses a third disjoint draw
+  (``data.retain_train_size``), so the retain suite is scored on problems no stage trained on.
+- toy (``models.toy``): unlearning texts are ``data/forget.jsonl`` / ``data/retain.jsonl``
+  (drawn from the toy's training problems); the ``forget`` / ``retain`` suites are the held-out
+  ``data/forget_eval.jsonl`` / ``data/retain_eval.jsonl``: forgetting is measured on problems
+  of the forgotten skill the unlearning never saw (capability removal, not memorisation).
+- any other suite name is a suite YAML (a path, or ``eval/<name>.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from mast.config import SuiteSpec, SweepSpec, load_suite
+from mast.files import InputError, read_json, read_jsonl, stable_hash, write_json, write_jsonl
+from mast.grid import OWN_SUITES, grid_rhos, needs_generated_texts, ordered_suites, suite_name
+from mast.layout import SweepDir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PREPARED_VERSION = 1
+
+
+def _log(msg: str) -> None:
+    print(f"[mast sweep] {msg}", file=sys.stderr, flush=True)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclasses.dataclass
+class Sources:
+    """Models and split problems of a sweep, before any evaluation."""
+
+    kind: str  # "toy" | "math"
+    reference: str
+    target: str
+    base: str | None
+    forget_texts: list[dict]
+    retain_texts: list[dict]
+    own: dict[str, list[dict]]  # forget/retain suite problems
+    own_template: str
+    own_yaml: dict[str, Path]  # where forget/retain suite settings come from
+    toy_dir: str | None = None
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What every trial shares: the manifest ``prepared/prepared.json`` plus how many baseline
+    evaluations of the target THIS call ran per suite (``evaluations``; 0 on a cache hit)."""
+
+    key: str
+    created: str
+    kind: str
+    toy_dir: str | None
+    reference: str
+    target: str
+    base: str | None
+    template: str
+    backend: str
+    suites: dict[str, SuiteSpec]  # in run order
+    baseline_accuracy: dict[str, float]
+    n: dict[str, int]
+    selection_cache: str
+    generated_texts: bool
+    evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def manifest(self) -> dict:
+        """prepared.json (everything but ``evaluations``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "evaluations"}
+        d["suites"] = {n: s.model_dump(mode="json") for n, s in self.suites.items()}
+        return d
+
+    @classmethod
+    def from_manifest(cls, d: dict, evaluations: dict[str, int]) -> Prepared:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        d["suites"] = {n: SuiteSpec.model_validate(s) for n, s in d["suites"].items()}
+        return cls(**{**d, "evaluations": evaluations})
+
+
+# --------------------------------------------------------------------------- models, splits, suites
+
+
+def resolve_model(name: str | os.PathLike, field: str) -> str:
+    """A local checkpoint folder (absolute) or a Hub id resolved to its local snapshot.
+
+    On a cluster put HF_HOME on shared storage so the snapshot path is valid on every node.
+    """
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise InputError(f"models.{field}: {p}: not a checkpoint folder (no config.json)")
+        return str(p.resolve())
+    if str(name).startswith((".", "/", "~")):
+        raise InputError(f"models.{field}: {name}: folder not found")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                            "*.tiktoken", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, gated
+        raise InputError(f"models.{field}: cannot fetch {name!r} from the Hugging Face Hub ({type(e).__name__})") from None
+
+
+def sources(spec: SweepSpec, sd: SweepDir, data_dir: str | None) -> Sources:
+    """Models (paths) and the problems of the splits (the toy's files, or draws from the MATH pool)."""
+    if spec.models.toy is not None:
+        from mast.toy import build_toy
+
+        toy_dir = Path(spec.models.toy.out).expanduser().resolve() if spec.models.toy.out else sd.default_toy
+        _log(f"toy models: {toy_dir} (seed {spec.models.toy.seed}; built if missing)")
+        t0 = time.time()
+        build_toy(toy_dir, seed=spec.models.toy.seed)
+        _log(f"toy ready in {time.time() - t0:.0f}s")
+        data = toy_dir / "data"
+        full = ("id", "prompt", "solution", "answer")
+        forget = read_jsonl(data / "forget.jsonl", required=full)
+        retain = read_jsonl(data / "retain.jsonl", required=full)
+        forget_eval = read_jsonl(data / "forget_eval.jsonl", required=("id", "prompt", "answer"))
+        retain_eval = read_jsonl(data / "retain_eval.jsonl", required=("id", "prompt", "answer"))
+        return Sources(kind="toy", toy_dir=str(toy_dir), reference=str(toy_dir / "sft"),
+                       target=str(toy_dir / "rlvr"), base=str(toy_dir / "base"),
+                       forget_texts=forget[: spec.data.forget_size], retain_texts=retain[: spec.data.retain_size],
+                       own={"forget": forget_eval, "retain": retain_eval}, own_template="qwen_boxed",
+                       own_yaml={n: toy_dir / "suites" / f"{n}.yaml" for n in OWN_SUITES})
+    from mast.data import build_splits, load_math_pool
+
+    reference = resolve_model(spec.models.reference, "reference")
+    target = resolve_model(spec.models.target, "target")
+    base = resolve_model(spec.models.base, "base") if spec.models.base else None
+    pool = load_math_pool(data_dir)
+    d = spec.data
+    n_forget = d.forget_size * (4 if d.require_target_correct else 1)
+    forget, retain_all = build_splits(pool, n_forget, d.retain_size + d.retain_train_size, d.split_seed,
+                                      levels=d.levels, subjects=d.subjects)
+    retain, retain_train = retain_all[: d.retain_size], retain_all[d.retain_size:]
+    return Sources(kind="math", reference=reference, target=target, base=base, forget_texts=forget,
+                   retain_texts=retain_train, own={"forget": forget, "retain": retain}, own_template="qwen_boxed",
+                   own_yaml={n: REPO_ROOT / "eval" / f"math_{n}.yaml" for n in OWN_SUITES})
+
+
+def _find_suite_yaml(entry: str, spec_dir: Path | None, toy_dir: Path | None) -> Path | None:
+    name = suite_name(entry)
+    cands: list[Path] = []
+    if entry.endswith((".yaml", ".yml")):
+        cands += [Path(entry)] if Path(entry).is_absolute() else (
+            ([spec_dir / entry] if spec_dir else []) + [Path.cwd() / entry, REPO_ROOT / entry])
+    else:
+        cands += [Path.cwd() / "eval" / f"{name}.yaml", REPO_ROOT / "eval" / f"{name}.yaml"]
+        if toy_dir:
+            cands.append(toy_dir / "suites" / f"{name}.yaml")
+    return next((c for c in cands if c.is_file()), None)
+
+
+def _suite_with_overrides(suite: SuiteSpec, name: str, spec: SweepSpec) -> SuiteSpec:
+    d = suite.model_dump()
+    d["name"] = name
+    if spec.evaluation.template:
+        d["template"] = spec.evaluation.template
+    if spec.evaluation.decoding is not None:
+        d["decoding"] = spec.evaluation.decoding.model_dump()
+    if name in spec.evaluation.limits:
+        d["limit"] = spec.evaluation.limits[name]
+    return SuiteSpec.model_validate(d)
+
+
+@dataclasses.dataclass
+class Suite:
+    spec: SuiteSpec
+    problems: list[dict]
+
+
+def resolve_suites(spec: SweepSpec, src: Sources, spec_dir: Path | None, data_dir: str | None) -> dict[str, Suite]:
+    """Every evaluation suite with its problems, in run order.
+
+    `forget` / `retain` score the sweep's own splits: their settings come from the toy's
+    ``suites/<name>.yaml`` or ``eval/math_<name>.yaml`` (else defaults), their problems from
+    the sweep. A suite YAML with ``split_role`` is one of them too (named by its role).
+    """
+    from mast.evaluation import load_suite_problems
+
+    toy_dir = Path(src.toy_dir) if src.toy_dir else None
+    out: dict[str, Suite] = {}
+    for entry in ordered_suites(spec):
+        name = suite_name(entry)
+        role = None
+        if name in OWN_SUITES and not entry.endswith((".yaml", ".yml")):
+            role = name
+            yaml_path = src.own_yaml.get(name)
+            if yaml_path and Path(yaml_path).is_file():
+                suite = load_suite(yaml_path)
+            else:
+                suite = SuiteSpec(name=name, benchmark="jsonl", split_role=name, grader="math",
+                                  template=src.own_template)
+        else:
+            path = _find_suite_yaml(entry, spec_dir, toy_dir)
+            if path is None:
+                raise InputError(f"evaluation.suites: unknown suite {entry!r} (not forget/retain, not a suite "
+                                 f"file, not in eval/)")
+            suite = load_suite(path)
+            role = suite.split_role
+            name = role or name
+        if name in out:
+            raise InputError(f"evaluation.suites: two suites are named {name!r}")
+        suite = _suite_with_overrides(suite, name, spec)
+        if role:
+            problems = src.own[role]
+            problems = problems[: suite.limit] if suite.limit else problems
+        else:
+            problems = load_suite_problems(suite, data_dir)
+        out[name] = Suite(suite, problems)
+    return out
+
+
+def backend_options(spec: SweepSpec) -> dict:
+    """Keyword options of the evaluation backend (vLLM's memory and parallelism settings)."""
+    if spec.evaluation.backend != "vllm":
+        return {}
+    opts = {"tensor_parallel_size": spec.evaluation.tensor_parallel_size,
+            "gpu_memory_utilization": spec.evaluation.gpu_memory_utilization}
+    if spec.evaluation.max_model_len:
+        opts["max_model_len"] = spec.evaluation.max_model_len
+    return opts
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepared_key(spec: SweepSpec, src: Sources, suites: dict[str, Suite]) -> str:
+    """Content address of prepared/: models' fingerprints, split and suite ids, what was evaluated."""
+    from mast.files import fingerprint_model
+
+    return stable_hash({
+        "v": PREPARED_VERSION,
+        "reference": fingerprint_model(src.reference), "target": fingerprint_model(src.target),
+        "forget_texts": [p["id"] for p in src.forget_texts], "retain_texts": [p["id"] for p in src.retain_texts],
+        "suites": {n: {"spec": {k: v for k, v in s.spec.model_dump(mode="json").items() if k != "path"},
+                       "ids": [p["id"] for p in s.problems]} for n, s in suites.items()},
+        "backend": spec.evaluation.backend, "generated": needs_generated_texts(spec),
+        "require_target_correct": spec.data.require_target_correct,
+        "rhos": grid_rhos(spec),
+    })
+
+
+def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: str | None = None,
+            spec_dir: Path | None = None) -> Prepared:
+    """Trial-independent work, once per sweep, cached in ``<sweep>/prepared`` (content-addressed).
+
+    A second call with the same inputs reuses it (no baseline re-evaluation); changed inputs
+    are an InputError (trials would be compared with another baseline).
+    """
+    from mast.evaluation import make_backend
+
+    sd = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
+    sd.prepared.mkdir(parents=True, exist_ok=True)
+    src = sources(spec, sd, data_dir)
+    suites = resolve_suites(spec, src, spec_dir, data_dir)
+    key = prepared_key(spec, src, suites)
+    if sd.prepared_manifest.is_file():
+        old = read_json(sd.prepared_manifest)
+        if old.get("key") == key and all(sd.baseline_results(n).is_file() for n in suites):
+            _log(f"prepared: reusing {sd.prepared} (key {key}; no baseline re-evaluation)")
+            return Prepared.from_manifest(old, {n: 0 for n in suites})
+        if old.get("key") != key:
+            raise InputError(f"{sd.prepared}: the sweep's inputs changed since it started (models, data or suites; "
+                             f"prepared key {old.get('key')} -> {key}); trials would be compared with another "
+                             f"baseline: start a new sweep (another name or --out)")
+
+    template = spec.evaluation.template or src.own_template
+    backend = make_backend(spec.evaluation.backend, src.target, batch_size=spec.evaluation.batch_size,
+                           **backend_options(spec))
+    try:
+        base = evaluate_baselines(spec, src, suites, sd, backend)
+        generated = None
+        if needs_generated_texts(spec):
+            generated = _generated_texts(src, suites, base.records, backend, template, sd)
+    finally:
+        backend.close()
+    baseline, probes, evaluations = base.records, base.probes, base.evaluations
+
+    _selection_statistics(spec, src, generated, template, sd)
+    write_jsonl(sd.forget_texts, src.forget_texts)
+    write_jsonl(sd.retain_texts, src.retain_texts)
+    if generated is not None:
+        write_jsonl(sd.forget_generated, generated)
+    for name, s in suites.items():
+        write_jsonl(sd.suite_problems(name), s.problems)
+        write_jsonl(sd.baseline_results(name), baseline[name])
+        if name in probes:
+            write_json(sd.baseline_probe(name), probes[name])
+    prepared = Prepared(
+        key=key, created=now(), kind=src.kind, toy_dir=src.toy_dir, reference=src.reference, target=src.target,
+        base=src.base, template=template, backend=spec.evaluation.backend,
+        suites={n: s.spec for n, s in suites.items()},
+        baseline_accuracy={n: sum(bool(r["correct"]) for r in baseline[n]) / max(1, len(baseline[n])) for n in suites},
+        n={"forget_texts": len(src.forget_texts), "retain_texts": len(src.retain_texts),
+           **{n: len(s.problems) for n, s in suites.items()}},
+        selection_cache=str(sd.selection_cache), generated_texts=generated is not None, evaluations=evaluations)
+    write_json(sd.prepared_manifest, prepared.manifest())  # written last: its presence means prepared/ is complete
+    return prepared
+
+
+@dataclasses.dataclass
+class Baselines:
+    """The target's results per suite: per-problem records, probe results, evaluations run."""
+
+    records: dict[str, list[dict]]
+    probes: dict[str, dict]
+    evaluations: dict[str, int]
+
+
+def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir, backend) -> Baselines:
+    """Evaluate the target once per suite (every trial is paired with these results).
+
+    With ``data.require_target_correct`` (MATH) the forget split becomes the first forget_size
+    candidates the target solves (the capability to remove): `suites` and `src` are updated.
+    """
+    from mast.evaluation import evaluate
+
+    out = Baselines({}, {}, {})
+    if spec.data.require_target_correct and src.kind == "math" and "forget" in suites:
+        s = suites["forget"]
+        res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
+                       progress=True)
+        out.evaluations["forget"] = 1
+        ok = [(p, r) for p, r in zip(s.problems, res.records) if r["correct"]][: spec.data.forget_size]
+        if len(ok) < spec.data.forget_size:
+            raise InputError(f"data.require_target_correct: the target solves only {len(ok)} of "
+                             f"{len(s.problems)} candidates; need forget_size={spec.data.forget_size}")
+        s.problems = [p for p, _ in ok]
+        src.forget_texts = s.problems
+        out.records["forget"] = [r for _, r in ok]
+    for name, s in suites.items():
+        if name in out.records:
+            continue
+        _log(f"baseline: evaluating the target on {name} ({len(s.problems)} problems)")
+        res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
+                       progress=True)
+        out.evaluations[name] = out.evaluations.get(name, 0) + 1
+        out.records[name] = res.records
+        if res.probe is not None:
+            out.probes[name] = res.probe
+        _log(f"baseline {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"
+             f"{' (cache hit)' if res.cache_hit else ''} in {res.seconds:.0f}s")
+    return out
+
+
+def _selection_statistics(spec: SweepSpec, src: Sources, generated: list[dict] | None, template: str,
+                          sd: SweepDir) -> None:
+    """Selection statistics that do not depend on the trial: spectra (every rho of the grid) and
+    the forget-gradient coupling (per forget-text variant), cached where select() looks."""
+    try:
+        from mast.selection import coupling_stats, spectral_stats_multi
+    except ImportError:
+        _log("prepared: mast.selection caches unavailable; selection computes its statistics per trial")
+        return
+    sel = spec.selection
+    rhos = grid_rhos(spec)
+    _log(f"spectral statistics (rho {rhos}) and forget-gradient coupling")
+    spectral_stats_multi(src.reference, src.target, rhos, sd.selection_cache, sel.candidates)
+    for texts in [src.forget_texts] + ([generated] if generated is not None else []):
+        coupling_stats(src.reference, src.target, texts, sd.selection_cache, sel.candidates, template,
+                       sel.max_length, sel.coupling_batch_size)
+
+
+def _generated_texts(src: Sources, suites: dict[str, Suite], baseline: dict[str, list[dict]], backend,
+                     template: str, sd: SweepDir) -> list[dict]:
+    """Forget texts = the target's own correct greedy generation (reference solution otherwise)."""
+    from mast.evaluation import evaluate
+
+    ids = [p["id"] for p in src.forget_texts]
+    if "forget" in suites and [p["id"] for p in suites["forget"].problems] == ids:
+        records = baseline["forget"]
+    else:  # the toy: forget suite (held out) != unlearning texts; generate on the texts themselves
+        d = (suites["forget"].spec if "forget" in suites
+             else SuiteSpec(name="forget_texts", benchmark="jsonl", path="<sweep>", template=template))
+        suite = SuiteSpec.model_validate({**d.model_dump(), "name": "forget_texts", "limit": None, "probe": None})
+        records = evaluate(src.target, suite, backend=backend, problems=src.forget_texts,
+                           cache_dir=sd.eval_cache).records
+    out = []
+    for p, r in zip(src.forget_texts, records):
+        out.append({**p, "solution": r["response"], "text_source": "target"} if r["correct"]
+                   else {**p, "text_source": "reference"})
+    _log(f"generated forget texts: {sum(o['text_source'] == 'target' for o in out)}/{len(out)} from the target")
+    return out

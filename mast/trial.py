@@ -1,0 +1,249 @@
+"""One trial (runs in a Ray worker): select -> unlearn -> evaluate every suite -> McNemar vs the
+cached baseline -> the trial's row (``result.json``, one line of trials.jsonl) + its MLflow run.
+
+A typed :class:`TrialContext` comes in (the prepared data and baselines, shared by every
+trial through ``tune.with_parameters``), a typed :class:`TrialRow` goes out; the row is built
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mast.config import SuiteSpec
+from mast.files import read_json, read_jsonl, write_json, write_jsonl
+from mast.grid import Trial, trial_params
+from mast.layout import SweepDir, TrialDir
+from mast.prepare import Prepared, backend_options, now
+
+
+@dataclasses.dataclass
+class TrialContext:
+    """Everything a trial needs besides its grid point; built once by the driver."""
+
+    sweep: SweepDir
+    tracker: Any  # mast.tracking.Tracker (picklable)
+    parent_run_id: str
+    trials: dict[str, Trial]  # trial id -> its validated specs
+    reference: str
+    target: str
+    template: str
+    forget_texts: list[dict]
+    retain_texts: list[dict]
+    forget_generated: list[dict] | None
+    suites: dict[str, SuiteSpec]  # in run order
+    problems: dict[str, list[dict]]
+    baseline: dict[str, list[dict]]  # the target's per-problem results per suite
+    baseline_probe: dict[str, dict]
+    selection_cache: str
+    backend: str
+    batch_size: int
+    n_bootstrap: int
+    confidence: float
+    backend_options: dict
+    keep_checkpoints: bool
+    report_each_suite: bool  # ASHA: an intermediate result after each suite
+
+    @classmethod
+    def build(cls, spec, sd: SweepDir, prepared: Prepared, trials: list[Trial], tracker, parent_run_id: str
+              ) -> TrialContext:
+        """Read prepared/ (texts, suites' problems, baselines) into the context every trial shares."""
+        names = list(prepared.suites)
+        return cls(
+            sweep=sd, tracker=tracker, parent_run_id=parent_run_id, trials={t.trial_id: t for t in trials},
+            reference=prepared.reference, target=prepared.target, template=prepared.template,
+            forget_texts=read_jsonl(sd.forget_texts), retain_texts=read_jsonl(sd.retain_texts),
+            forget_generated=read_jsonl(sd.forget_generated) if sd.forget_generated.is_file() else None,
+            suites=dict(prepared.suites), problems={n: read_jsonl(sd.suite_problems(n)) for n in names},
+            baseline=load_baseline(sd, names),
+            baseline_probe={n: read_json(sd.baseline_probe(n)) for n in names if sd.baseline_probe(n).is_file()},
+            selection_cache=prepared.selection_cache, backend=spec.evaluation.backend,
+            batch_size=spec.evaluation.batch_size, n_bootstrap=spec.evaluation.n_bootstrap,
+            confidence=spec.evaluation.confidence, backend_options=backend_options(spec),
+            keep_checkpoints=spec.keep_checkpoints, report_each_suite=spec.scheduler.kind == "asha")
+
+
+def load_baseline(sd: SweepDir, suites: list[str]) -> dict[str, list[dict]]:
+    return {n: read_jsonl(sd.baseline_results(n)) for n in suites}
+
+
+@dataclasses.dataclass
+class TrialRow:
+    """One line of trials.jsonl (and a trial's result.json). Optional fields are left out when None."""
+
+    trial_id: str
+    status: str  # "ok" | "failed"
+    error: str | None
+    config: dict
+    suites: dict[str, dict] = dataclasses.field(default_factory=dict)  # suite -> McNemar dict
+    probe: dict | None = None
+    selected: list[str] = dataclasses.field(default_factory=list)
+    mlflow_run_id: str | None = None
+    all_parameters: bool | None = None
+    timing: dict | None = None
+    partial: bool | None = None  # ASHA: not every suite scored yet (result.json only)
+    stopped_early: bool | None = None  # ASHA stopped it: in trials.jsonl instead of `partial`
+
+    _OPTIONAL = ("all_parameters", "timing", "partial", "stopped_early")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (k in self._OPTIONAL and v is None)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrialRow:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def failed(cls, trial: Trial, error: str, mlflow_run_id: str | None = None) -> TrialRow:
+        return cls(trial.trial_id, "failed", error, trial.config, mlflow_run_id=mlflow_run_id)
+
+    def final(self) -> TrialRow:
+        """The trials.jsonl form of a recorded ok row: an ASHA-stopped (partial) row says stopped_early."""
+        return dataclasses.replace(self, partial=None, stopped_early=True if self.partial else None)
+
+
+def read_row(td: TrialDir) -> TrialRow | None:
+    return TrialRow.from_dict(read_json(td.result)) if td.result.is_file() else None
+
+
+# --------------------------------------------------------------------------- MLflow (from the trial's files)
+
+
+def _table(before: list[dict], after: list[dict]) -> dict[str, list]:
+    b = {r["id"]: r for r in before}
+    return {
+        "id": [r["id"] for r in after],
+        "correct_before": [bool(b[r["id"]]["correct"]) if r["id"] in b else None for r in after],
+        "correct_after": [bool(r["correct"]) for r in after],
+        "extracted_before": [str(b[r["id"]].get("extracted")) if r["id"] in b else None for r in after],
+        "extracted_after": [str(r.get("extracted")) for r in after],
+        "response_after": [str(r.get("response", ""))[:4000] for r in after],
+    }
+
+
+def trial_tables(td: TrialDir, baseline: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per suite, the per-problem before/after table MLflow shows."""
+    return {name: _table(before, read_jsonl(td.results(name))) for name, before in baseline.items()
+            if td.results(name).is_file()}
+
+
+def log_trial_to_mlflow(tracker, run_id: str, row: TrialRow, td: TrialDir, baseline: dict[str, list[dict]]) -> None:
+    """Idempotent: everything from the trial's files; timestamps fixed by the trial's finish time."""
+    losses = read_jsonl(td.losses) if td.losses.is_file() else []
+    ts = int((row.timing or {}).get("finished", time.time()) * 1000)
+    tracker.log_trial(run_id, row.to_dict(), td, losses, trial_tables(td, baseline), timestamp=ts)
+
+
+def report_metrics(row: TrialRow, cached: bool = False) -> dict:
+    """What a trial reports to Tune: the flat per-suite metrics plus its id."""
+    from mast.tracking import trial_metrics
+
+    return {**trial_metrics(row.to_dict()), "mast_trial_id": row.trial_id, "cached": cached,
+            "n_suites": len(row.suites or {})}
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """The Ray Tune function trainable: select -> unlearn -> evaluate -> McNemar -> tune.report.
+
+    `config["point"]["trial_id"]` names the grid point; its validated specs are in
+    ``ctx.trials``, so trials never re-evaluate the target nor re-validate the spec.
+    """
+    from ray import tune
+
+    trial = ctx.trials[config["point"]["trial_id"]]
+    td = ctx.sweep.trial(trial.trial_id)
+    tracker = ctx.tracker
+    row = read_row(td)
+    if row is not None and row.status == "ok" and not row.partial:
+        # finished before a driver crash/resume: report what it recorded
+        if row.mlflow_run_id and tracker.run_status(row.mlflow_run_id) != "FINISHED":
+            log_trial_to_mlflow(tracker, row.mlflow_run_id, row, td, ctx.baseline)
+        tune.report(report_metrics(row, cached=True))
+        return
+    td.root.mkdir(parents=True, exist_ok=True)
+    run_id = tracker.trial_run(ctx.parent_run_id, trial.trial_id, trial_params(trial))
+    try:
+        _run_trial_body(trial, ctx, td, run_id, tune.report)
+    except BaseException as e:
+        err = f"{type(e).__name__}: {e}"
+        prev = read_json(td.error) if td.error.is_file() else {}
+        write_json(td.error, {"error": err, "attempts": int(prev.get("attempts", 0)) + 1,
+                              "traceback": traceback.format_exc()[-8000:], "time": now()})
+        try:
+            tracker.fail_trial(run_id, err)
+        except Exception:  # the tracking store must not mask the trial's own error
+            pass
+        raise
+
+
+def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, report) -> None:
+    import torch
+
+    from mast.evaluation import evaluate, make_backend
+    from mast.selection import select
+    from mast.stats import mcnemar_test
+    from mast.unlearn import unlearn
+
+    t_start = time.time()
+    forget = ctx.forget_generated if trial.unlearning.texts == "generated" else ctx.forget_texts
+    retain = ctx.retain_texts or None
+    write_json(td.config, trial.specs_json())
+    # 1. select
+    selection = select(ctx.reference, ctx.target, forget, trial.selection, cache_dir=ctx.selection_cache,
+                       template=ctx.template, progress=False)
+    write_json(td.selection, selection)
+    selected = [c["name"] for c in selection.get("candidates", []) if c.get("selected")]
+    # 2. unlearn (checkpoint in a trial-local folder, deleted after evaluation unless kept)
+    ckpt = td.checkpoint
+    shutil.rmtree(ckpt, ignore_errors=True)
+    row = TrialRow(trial.trial_id, "ok", None, trial.config, selected=selected, mlflow_run_id=run_id,
+                   all_parameters=bool(selection.get("all_parameters")))
+    try:
+        res = unlearn(ctx.target, selection, forget, retain, trial.unlearning, ckpt, template=ctx.template,
+                      progress=False)
+        write_jsonl(td.losses, res.losses)
+        t_unlearn = time.time()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        assert Path(res.out_dir).resolve() != Path(ctx.target).resolve(), "a trial never evaluates the target"
+        # 3. evaluate every suite on the unlearned checkpoint, 4. paired tests vs the cached baseline
+        backend = make_backend(ctx.backend, res.out_dir, batch_size=ctx.batch_size, progress=False,
+                               **ctx.backend_options)
+        try:
+            for i, (name, suite) in enumerate(ctx.suites.items()):
+                ev = evaluate(res.out_dir, suite, backend=backend, problems=ctx.problems[name], use_cache=False,
+                              progress=False)
+                write_jsonl(td.results(name), ev.records)
+                row.suites[name] = mcnemar_test(ctx.baseline[name], ev.records, n_bootstrap=ctx.n_bootstrap,
+                                                confidence=ctx.confidence, seed=0)
+                if ev.probe is not None and row.probe is None and name in ctx.baseline_probe:
+                    before = ctx.baseline_probe[name]
+                    row.probe = {"suite": name, "fractions": ev.probe["fractions"],
+                                 "before": before["accuracy"], "after": ev.probe["accuracy"]}
+                    write_json(td.probe, {**row.probe, "before_detail": before, "after_detail": ev.probe})
+                if ctx.report_each_suite and i < len(ctx.suites) - 1:
+                    # ASHA: intermediate result after each suite (rung = suites scored); a stopped
+                    # trial keeps the suites it has (partial row, reconciled by the driver)
+                    row.timing = {"started": t_start, "finished": time.time()}
+                    write_json(td.result, dataclasses.replace(row, partial=True).to_dict())
+                    report(report_metrics(row))
+        finally:
+            backend.close()
+    finally:
+        if not ctx.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    row.timing = {"started": t_start, "unlearned": t_unlearn, "finished": time.time()}
+    write_json(td.result, row.to_dict())  # the trial's completion marker
+    td.error.unlink(missing_ok=True)
+    log_trial_to_mlflow(ctx.tracker, run_id, row, td, ctx.baseline)
+    report(report_metrics(row))
