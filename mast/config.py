@@ -218,6 +218,8 @@ class EvaluationSpec(Spec):
     template: TemplateName | None = None
     limits: dict[str, int] = Field(default_factory=dict, description="suite -> first N problems (quick runs)")
     max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + max_tokens)")
+    # the noise floor: a `null` trial (no weight change) per seed, evaluated exactly like a trial
+    noise_floor: bool = True
 
     @field_validator("limits")
     @classmethod

@@ -4,6 +4,11 @@ the spec hash a resume must match, and the MLflow params of a trial.
 The grid points are validated here, once, into typed :class:`~mast.config.SelectionSpec` /
 :class:`~mast.config.UnlearnSpec` objects that travel unchanged to the trial.
 Which rules ignore ``k`` / ``rho`` comes from :mod:`mast.registry`.
+
+The noise floor: the ``null`` rule (no weight change) is expanded once per seed whatever the
+other axes (its config is only ``{rule, seed}``, id ``null-s{seed}``), and with
+``evaluation.noise_floor`` (default true) one null trial per seed of the grid is appended to
+every sweep, so each seed's results have their own null beside them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 from mast.config import SelectionSpec, SweepSpec, UnlearnSpec, validate
 from mast.files import InputError, stable_hash
-from mast.registry import K_FREE_RULES, OBJECTIVE_FACTS, RHO_RULES, RULE_FACTS
+from mast.registry import K_FREE_RULES, NULL_RULE, NULL_RULES, OBJECTIVE_FACTS, RHO_RULES, RULE_FACTS
 
 OWN_SUITES = ("forget", "retain")  # the sweep's own splits
 ID_KEYS = ("rule", "objective", "k", "seed")
@@ -48,7 +53,8 @@ class Grid:
     dropped: list[str]  # why each dropped point went
 
     def summary(self) -> str:
-        return (f"grid: {self.n_points} point(s) -> {len(self.trials)} trial(s), "
+        n_null = sum(t.config["rule"] in NULL_RULES for t in self.trials)
+        return (f"grid: {self.n_points} point(s) -> {len(self.trials)} trial(s) ({n_null} null: the noise floor), "
                 f"{len(self.dropped)} dropped (rules that ignore k/rho, duplicates)")
 
     def by_id(self) -> dict[str, Trial]:
@@ -65,9 +71,12 @@ def trial_id(config: dict) -> str:
     """Deterministic, readable id: ``{rule}-{objective}-k{k}-s{seed}`` (no k for rules without k).
 
     Other grid fields are appended as ``-{field}{value}`` when short and filename-safe, else
-    as an 8-hex hash of them, so the same grid point always gets the same id.
+    as an 8-hex hash of them, so the same grid point always gets the same id. A null trial
+    (no weight change) is ``null-s{seed}``.
     """
     rule = config["rule"]
+    if rule in NULL_RULES:
+        return f"{rule}-s{config['seed']}"
     parts = [str(rule), str(config["objective"])]
     if rule not in K_FREE_RULES:
         parts.append(f"k{config['k']}")
@@ -109,6 +118,8 @@ def expand_grid(spec: SweepSpec, source: str = "spec") -> Grid:
         rule = sel["rule"]
         config = {"rule": rule, "objective": unl["objective"], "k": sel["k"], "seed": unl["seed"]}
         config.update({k: v for k, v in point.items() if k not in config})
+        if rule in NULL_RULES:  # no weight change: only the seed matters
+            config = {"rule": rule, "seed": unl["seed"]}
         if rule in K_FREE_RULES and "k" in point and point["k"] != first["k"]:
             dropped.append(f"{rule} ignores k (k={point['k']})")
             continue
@@ -124,7 +135,22 @@ def expand_grid(spec: SweepSpec, source: str = "spec") -> Grid:
             continue
         seen.add(tid)
         trials.append(Trial(tid, json.loads(json.dumps(config)), sel_spec, unl_spec))
+    if spec.evaluation.noise_floor:
+        trials += [t for t in null_trials(spec, source) if t.trial_id not in seen]
     return Grid(trials, n_points, dropped)
+
+
+def null_trials(spec: SweepSpec, source: str = "spec") -> list[Trial]:
+    """One `null` trial per seed of the grid (else the unlearning seed): the noise floor."""
+    out = []
+    for seed in dict.fromkeys(spec.grid.get("seed", [spec.unlearning.seed])):
+        config = {"rule": NULL_RULE, "seed": seed}
+        tid = trial_id(config)
+        sel = validate(SelectionSpec, {**spec.selection.model_dump(), "rule": NULL_RULE, "seed": seed},
+                       f"{source}: {tid}")
+        unl = validate(UnlearnSpec, {**spec.unlearning.model_dump(), "seed": seed}, f"{source}: {tid}")
+        out.append(Trial(tid, json.loads(json.dumps(config)), sel, unl))
+    return out
 
 
 def trial_params(trial: Trial) -> dict[str, Any]:
@@ -136,6 +162,8 @@ def trial_params(trial: Trial) -> dict[str, Any]:
     """
     sel, unl = trial.selection, trial.unlearning
     facts = RULE_FACTS[sel.rule]
+    if not facts.changes_weights:  # null: nothing is selected nor trained
+        return {"rule": sel.rule, "seed": unl.seed}
     params: dict[str, Any] = {"rule": sel.rule}
     if facts.uses_k:
         params["k"] = sel.k

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Rule:
     """A selection rule. `uses_k`: picks k tensors; `uses_rho`: depends on the off-principal rank;
-    `ranked`: ranks moved tensors by the signals; `all_parameters`: trains every parameter."""
+    `ranked`: ranks moved tensors by the signals; `all_parameters`: trains every parameter;
+    `changes_weights`: False for `null`, the noise floor (nothing selected, no unlearning: the
+    target is evaluated again exactly like a trial's checkpoint, once per seed)."""
 
     uses_k: bool
     uses_rho: bool = False
     ranked: bool = False
     all_parameters: bool = False
+    changes_weights: bool = True
 
 
 RULE_FACTS: dict[str, Rule] = {
@@ -31,12 +34,15 @@ RULE_FACTS: dict[str, Rule] = {
     "random": Rule(uses_k=True),
     "attention": Rule(uses_k=False),
     "full": Rule(uses_k=False, all_parameters=True),
+    "null": Rule(uses_k=False, changes_weights=False),
 }
 
 RULE_NAMES = tuple(RULE_FACTS)
 K_FREE_RULES = tuple(n for n, r in RULE_FACTS.items() if not r.uses_k)
 RHO_RULES = tuple(n for n, r in RULE_FACTS.items() if r.uses_rho)
 RANKED_RULES = tuple(n for n, r in RULE_FACTS.items() if r.ranked)
+NULL_RULES = tuple(n for n, r in RULE_FACTS.items() if not r.changes_weights)
+NULL_RULE = "null"
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,11 @@ def rule_every(rows: Sequence[dict], spec: SelectionSpec) -> tuple[list[float], 
     return [1.0] * len(rows), [True] * len(rows)
 
 
+def rule_none(rows: Sequence[dict], spec: SelectionSpec) -> tuple[list[float], list[bool]]:
+    """`null`, the noise floor: nothing selected (the trial evaluates the target unchanged)."""
+    return [0.0] * len(rows), [False] * len(rows)
+
+
 # keyed by mast.registry.RULE_NAMES (a test checks); the facts (uses k, ranked, all parameters) live there
 RULES = {
     "mast": rule_mast,
@@ -315,6 +320,7 @@ RULES = {
     "random": rule_random,
     "attention": rule_every,
     "full": rule_every,
+    "null": rule_none,
 }
 
 

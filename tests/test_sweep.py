@@ -31,18 +31,33 @@ def test_grid_is_cartesian_and_drops_k_for_full():
                        "seed": [0, 1, 2]})
     g = expand_grid(spec)
     assert g.n_points == 3 * 2 * 2 * 3
-    # full ignores k: one k kept -> 2 objectives x 3 seeds; mast & random: 2 x 2 x 3 each
-    assert len(g.trials) == 12 + 12 + 6 and len(g.dropped) == 6
+    # full ignores k: one k kept -> 2 objectives x 3 seeds; mast & random: 2 x 2 x 3 each; + a null per seed
+    assert len(g.trials) == 12 + 12 + 6 + 3 and len(g.dropped) == 6
     ids = [t.trial_id for t in g.trials]
     assert len(set(ids)) == len(ids)
     assert "mast-npo-k2-s0" in ids and "full-simnpo-s2" in ids and not any(i.startswith("full-npo-k") for i in ids)
-    assert "dropped" in g.summary() and "30 trial(s)" in g.summary()
+    assert ids[-3:] == ["null-s0", "null-s1", "null-s2"]
+    assert "dropped" in g.summary() and "33 trial(s) (3 null" in g.summary()
+    without = expand_grid(_spec(grid=spec.grid, evaluation={"noise_floor": False}))
+    assert [t.trial_id for t in without.trials] == ids[:-3]
+
+
+def test_null_rule_is_one_trial_per_seed_whatever_the_other_axes():
+    """The noise floor: `null` ignores objective, k and unlearning fields (only the seed matters)."""
+    spec = _spec(grid={"rule": ["null", "mast"], "objective": ["npo", "simnpo"], "k": [2, 4], "lr": [1e-5, 1e-4],
+                       "seed": [0, 1]})
+    nulls = [t for t in expand_grid(spec).trials if t.config["rule"] == "null"]
+    assert [(t.trial_id, t.config) for t in nulls] == [("null-s0", {"rule": "null", "seed": 0}),
+                                                       ("null-s1", {"rule": "null", "seed": 1})]
+    assert all(t.selection.rule == "null" and t.selection.seed == t.unlearning.seed for t in nulls)
+    assert trial_params(nulls[1]) == {"rule": "null", "seed": 1}
 
 
 def test_grid_point_overrides_specs_and_seed_sets_both():
     spec = _spec(grid={"rule": ["random"], "seed": [7], "lr": [3e-4]}, selection={"k": 3},
                  unlearning={"steps": 5, "objective": "simnpo"})
-    (t,) = expand_grid(spec).trials
+    t, null = expand_grid(spec).trials
+    assert null.trial_id == "null-s7" and null.unlearning.seed == 7
     assert t.selection.rule == "random" and t.selection.seed == 7 and t.selection.k == 3
     assert t.unlearning.seed == 7 and t.unlearning.lr == 3e-4 and t.unlearning.steps == 5
     assert t.config == {"rule": "random", "objective": "simnpo", "k": 3, "seed": 7, "lr": 3e-4}
@@ -52,7 +67,7 @@ def test_grid_point_overrides_specs_and_seed_sets_both():
 def test_rho_only_varies_for_rules_that_use_it():
     spec = _spec(grid={"rule": ["mast", "magnitude"], "rho": [0.05, 0.1]})
     ids = [t.trial_id for t in expand_grid(spec).trials]
-    assert ids == ["mast-npo-k8-s0-rho0.05", "mast-npo-k8-s0-rho0.1", "magnitude-npo-k8-s0-rho0.05"]
+    assert ids == ["mast-npo-k8-s0-rho0.05", "mast-npo-k8-s0-rho0.1", "magnitude-npo-k8-s0-rho0.05", "null-s0"]
 
 
 def test_trial_ids_are_deterministic_and_hash_long_extras():
@@ -67,7 +82,7 @@ def test_trial_ids_are_deterministic_and_hash_long_extras():
 
 def test_duplicate_grid_values_are_dropped():
     g = expand_grid(_spec(grid={"rule": ["mast"], "k": [2, 2]}))
-    assert [t.trial_id for t in g.trials] == ["mast-npo-k2-s0"] and g.dropped == ["duplicate of mast-npo-k2-s0"]
+    assert [t.trial_id for t in g.trials] == ["mast-npo-k2-s0", "null-s0"] and g.dropped == ["duplicate of mast-npo-k2-s0"]
 
 
 def test_bad_grid_values_name_the_point():
@@ -156,9 +171,9 @@ def test_shipped_specs_load_and_expand(name):
     g = expand_grid(spec, name)
     assert g.trials and len({t.trial_id for t in g.trials}) == len(g.trials)
     if name == "demo":
-        assert {t.config["rule"] for t in g.trials} == {"mast", "random", "full"}
-        assert {t.config["objective"] for t in g.trials} == {"npo", "simnpo"}
-        assert len({t.config["seed"] for t in g.trials}) == 3
+        assert {t.config["rule"] for t in g.trials} == {"mast", "random", "full", "null"}
+        assert {t.config.get("objective") for t in g.trials if t.config["rule"] != "null"} == {"npo", "simnpo"}
+        assert len({t.config["seed"] for t in g.trials}) == 3 and len(g.trials) == 30 + 3  # a null per seed
     if name == "paper":
         assert spec.data.forget_size == 150 and spec.evaluation.backend == "vllm" and spec.resources.gpu == 1
         assert spec.models.target == "agentica-org/DeepScaleR-1.5B-Preview"
