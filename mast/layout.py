@@ -11,6 +11,7 @@ for its paths instead of spelling them out::
         forget.jsonl retain.jsonl forget_generated.jsonl   unlearning texts
         suites/<suite>.jsonl          each suite's problems
         baseline/<suite>.jsonl        the target's per-problem results (+ <suite>.probe.json)
+        reference/<suite>.jsonl       the reference (SFT) model's per-problem results (the SFT floor)
         cache/ selection_cache/ toy/  evaluation cache, selection statistics, a default toy build
     <sweep>/trials/<id>/             one trial: config, selection, losses, results/, result.json
     <sweep>/trials.jsonl, seed_table.json, report/, tune/
@@ -163,6 +164,19 @@ class SweepDir:
 
     def baseline_probe(self, suite: str) -> Path:
         return self.baseline / f"{suite}.probe.json"
+
+    def baseline_selection_run(self, suite: str) -> Path:
+        """require_target_correct: the target's FIRST run on the candidates, which chose the forget set
+        (trials are tested against the second, independent run in baseline_results)."""
+        return self.baseline / f"{suite}.selection_run.jsonl"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.prepared / "reference"
+
+    def reference_results(self, suite: str) -> Path:
+        """The reference (SFT) model's per-problem results on `suite`: the SFT floor."""
+        return self.reference_dir / f"{suite}.jsonl"
 
     @property
     def eval_cache(self) -> Path:

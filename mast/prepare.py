@@ -1,5 +1,13 @@
 """Once-per-sweep work, cached in ``<sweep>/prepared`` (content-addressed): models, splits,
-suites, the TARGET's baseline results on every suite, selection statistics.
+suites, the TARGET's baseline results on every suite, the REFERENCE (SFT) model's results on
+every suite (the SFT floor, :mod:`mast.floor`), selection statistics.
+
+``data.require_target_correct`` (MATH): the forget set is chosen on one run of the target
+(the candidates it solved) and trials are tested against a SECOND, independent run of the
+target on the chosen problems (decoding seed + ``INDEPENDENT_SEED_OFFSET``). Testing against
+the choosing run would make wrong->right flips impossible by construction, so evaluation noise
+alone would look like forgetting. With greedy decoding on the CPU the two runs are identical
+(nothing to correct); with sampling or vLLM batching they differ.
 
 Which data is which:
 - MATH (``models.reference/target``): the forget split (``data.forget_size`` problems of the
@@ -24,11 +32,13 @@ from pathlib import Path
 
 from mast.config import SuiteSpec, SweepSpec, load_suite
 from mast.files import InputError, read_json, read_jsonl, stable_hash, write_json, write_jsonl
+from mast.floor import rl_gain
 from mast.grid import OWN_SUITES, grid_rhos, needs_generated_texts, ordered_suites, suite_name
 from mast.layout import SweepDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: the reference's results (SFT floor), require_target_correct's second run
+INDEPENDENT_SEED_OFFSET = 1
 
 
 def _log(msg: str) -> None:
@@ -58,7 +68,8 @@ class Sources:
 @dataclasses.dataclass
 class Prepared:
     """What every trial shares: the manifest ``prepared/prepared.json`` plus how many baseline
-    evaluations of the target THIS call ran per suite (``evaluations``; 0 on a cache hit)."""
+    evaluations of the target (``evaluations``) and of the reference (``reference_evaluations``)
+    THIS call ran per suite (0 on a cache hit)."""
 
     key: str
     created: str
@@ -74,11 +85,16 @@ class Prepared:
     n: dict[str, int]
     selection_cache: str
     generated_texts: bool
+    reference_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
+    rl_gain: dict[str, dict] = dataclasses.field(default_factory=dict)  # suite -> floor.rl_gain
     evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
+    reference_evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    _RUN_COUNTS = ("evaluations", "reference_evaluations")
 
     def manifest(self) -> dict:
-        """prepared.json (everything but ``evaluations``)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "evaluations"}
+        """prepared.json (everything but the evaluation counts of this call)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._RUN_COUNTS}
         d["suites"] = {n: s.model_dump(mode="json") for n, s in self.suites.items()}
         return d
 
@@ -87,7 +103,7 @@ class Prepared:
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
         d["suites"] = {n: SuiteSpec.model_validate(s) for n, s in d["suites"].items()}
-        return cls(**{**d, "evaluations": evaluations})
+        return cls(**{**d, "evaluations": evaluations, "reference_evaluations": dict(evaluations)})
 
 
 # --------------------------------------------------------------------------- models, splits, suites
@@ -270,7 +286,8 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
     key = prepared_key(spec, src, suites)
     if sd.prepared_manifest.is_file():
         old = read_json(sd.prepared_manifest)
-        if old.get("key") == key and all(sd.baseline_results(n).is_file() for n in suites):
+        if old.get("key") == key and all(sd.baseline_results(n).is_file() and sd.reference_results(n).is_file()
+                                         for n in suites):
             _log(f"prepared: reusing {sd.prepared} (key {key}; no baseline re-evaluation)")
             return Prepared.from_manifest(old, {n: 0 for n in suites})
         if old.get("key") != key:
@@ -289,6 +306,7 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
     finally:
         backend.close()
     baseline, probes, evaluations = base.records, base.probes, base.evaluations
+    reference = evaluate_reference(spec, src, suites, sd)
 
     _selection_statistics(spec, src, generated, template, sd)
     write_jsonl(sd.forget_texts, src.forget_texts)
@@ -298,8 +316,12 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
     for name, s in suites.items():
         write_jsonl(sd.suite_problems(name), s.problems)
         write_jsonl(sd.baseline_results(name), baseline[name])
+        write_jsonl(sd.reference_results(name), reference.records[name])
         if name in probes:
             write_json(sd.baseline_probe(name), probes[name])
+    for name, records in base.selection_runs.items():
+        write_jsonl(sd.baseline_selection_run(name), records)
+    gains = {n: rl_gain(reference.records[n], baseline[n]) for n in suites}
     prepared = Prepared(
         key=key, created=now(), kind=src.kind, toy_dir=src.toy_dir, reference=src.reference, target=src.target,
         base=src.base, template=template, backend=spec.evaluation.backend,
@@ -307,25 +329,31 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
         baseline_accuracy={n: sum(bool(r["correct"]) for r in baseline[n]) / max(1, len(baseline[n])) for n in suites},
         n={"forget_texts": len(src.forget_texts), "retain_texts": len(src.retain_texts),
            **{n: len(s.problems) for n, s in suites.items()}},
-        selection_cache=str(sd.selection_cache), generated_texts=generated is not None, evaluations=evaluations)
+        selection_cache=str(sd.selection_cache), generated_texts=generated is not None,
+        reference_accuracy={n: g["reference_acc"] for n, g in gains.items()}, rl_gain=gains,
+        evaluations=evaluations, reference_evaluations=reference.evaluations)
     write_json(sd.prepared_manifest, prepared.manifest())  # written last: its presence means prepared/ is complete
     return prepared
 
 
 @dataclasses.dataclass
 class Baselines:
-    """The target's results per suite: per-problem records, probe results, evaluations run."""
+    """A model's results per suite: per-problem records, probe results, evaluations run, and
+    (require_target_correct) the first run that chose the forget set, per suite."""
 
     records: dict[str, list[dict]]
     probes: dict[str, dict]
     evaluations: dict[str, int]
+    selection_runs: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir, backend) -> Baselines:
     """Evaluate the target once per suite (every trial is paired with these results).
 
     With ``data.require_target_correct`` (MATH) the forget split becomes the first forget_size
-    candidates the target solves (the capability to remove): `suites` and `src` are updated.
+    candidates the target solves in a first run (the capability to remove; `suites` and `src`
+    are updated), and the forget baseline is a second, independent run on them
+    (:func:`independent_run`): the McNemar "before" side of every trial.
     """
     from mast.evaluation import evaluate
 
@@ -334,14 +362,19 @@ def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], 
         s = suites["forget"]
         res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
                        progress=True)
-        out.evaluations["forget"] = 1
         ok = [(p, r) for p, r in zip(s.problems, res.records) if r["correct"]][: spec.data.forget_size]
         if len(ok) < spec.data.forget_size:
             raise InputError(f"data.require_target_correct: the target solves only {len(ok)} of "
                              f"{len(s.problems)} candidates; need forget_size={spec.data.forget_size}")
         s.problems = [p for p, _ in ok]
         src.forget_texts = s.problems
-        out.records["forget"] = [r for _, r in ok]
+        out.selection_runs["forget"] = [r for _, r in ok]
+        second = evaluate(src.target, independent_run(s.spec), backend=backend, problems=s.problems,
+                          cache_dir=sd.eval_cache, progress=True)
+        out.evaluations["forget"] = 2
+        out.records["forget"] = second.records
+        _log(f"baseline forget: chosen on run 1 ({len(ok)} solved); run 2 (independent) solves "
+             f"{second.n_correct}/{second.n}")
     for name, s in suites.items():
         if name in out.records:
             continue
@@ -354,6 +387,36 @@ def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], 
             out.probes[name] = res.probe
         _log(f"baseline {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"
              f"{' (cache hit)' if res.cache_hit else ''} in {res.seconds:.0f}s")
+    return out
+
+
+def independent_run(suite: SuiteSpec) -> SuiteSpec:
+    """The suite with another sampling seed (decoding.seed + INDEPENDENT_SEED_OFFSET): a second run of
+    the same model whose noise is independent of the first (identical under greedy CPU decoding)."""
+    d = suite.model_dump()
+    d["decoding"] = {**d["decoding"], "seed": d["decoding"]["seed"] + INDEPENDENT_SEED_OFFSET}
+    return SuiteSpec.model_validate(d)
+
+
+def evaluate_reference(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir) -> Baselines:
+    """Evaluate the reference (SFT) model once per suite, on the same problems as the target's
+    baseline (cached like it): the SFT floor every trial is read against."""
+    from mast.evaluation import evaluate, make_backend
+
+    out = Baselines({}, {}, {})
+    backend = make_backend(spec.evaluation.backend, src.reference, batch_size=spec.evaluation.batch_size,
+                           **backend_options(spec))
+    try:
+        for name, s in suites.items():
+            suite = s.spec.model_copy(update={"probe": None})  # the floor needs accuracy, not the probe
+            res = evaluate(src.reference, suite, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
+                           progress=True)
+            out.records[name] = res.records
+            out.evaluations[name] = 0 if res.cache_hit else 1
+            _log(f"reference {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"
+                 f"{' (cache hit)' if res.cache_hit else ''} in {res.seconds:.0f}s")
+    finally:
+        backend.close()
     return out
 
 

@@ -10,7 +10,9 @@ Output (``SWEEP/report`` by default, written atomically): ``report.md`` (PNG lin
 numbers of every table).
 
 Tables: headline per condition in the paper's form (forget correct before -> after, exact McNemar p,
-other suites' deltas in points with CIs, seed count); seed-level significance (mean delta with a
+other suites' deltas in points with CIs, seed count, share of the RLVR gain removed, seeds below the
+SFT model) with the noise floor (null trials) as its last row; the noise floor and the SFT floor
+(:mod:`mast.floor`; report.json ``noise_floor`` and ``sft_floor``); seed-level significance (mean delta with a
 t-interval, paired tests vs full and random, raw and Holm p); every trial; failed trials.
 Plots (mast.plots): forget drop vs retain change with the Pareto front; deltas vs k with seed
 spread; prefix-recovery curves; which layers / projections each rule selects; MAST signals of one
@@ -26,7 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mast import plots, stats
+from mast import floor, plots, stats
 from mast.doc import Doc, fmt_ci, fmt_count, fmt_p, fmt_pp, fmt_pvals
 from mast.files import InputError, atomic_dir, read_json, write_json
 from mast.layout import SweepDir
@@ -69,6 +71,7 @@ def headline_rows(trials: Sequence[dict], table: dict) -> list[dict]:
             else:
                 entry.update(ci_low=sc["ci_low"] if sc else None, ci_high=sc["ci_high"] if sc else None,
                              ci="Student t over seeds")
+            entry.update(floor.condition_floor(ts, s))
             row["suites"][s] = entry
         rows.append(row)
     return rows
@@ -144,18 +147,24 @@ def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selecti
     else:
         suites = table["suites"]
         head = headline_rows(trials, table)
+        noise = floor.noise_floor(trials)
+        sft = sft_floor_summary(info, trials, head, suites)
         data["headline"] = head
+        data["noise_floor"] = noise
+        data["sft_floor"] = sft
         data["seed_table"] = table
-        _headline(doc, head, suites)
+        _headline(doc, head, suites, noise)
+        _floors(doc, noise, sft, suites)
         _significance(doc, table)
         doc.h(2, "Plots")
-        for key, fn in (("tradeoff", lambda p: plots.plot_tradeoff(trials, suites, p)),
+        unlearned = [t for t in trials if not floor.is_null(t)]
+        for key, fn in (("tradeoff", lambda p: plots.plot_tradeoff(unlearned, suites, p)),
                         ("deltas_vs_k", lambda p: plots.plot_deltas_vs_k(table, p)),
-                        ("prefix_recovery", lambda p: plots.plot_probe(trials, p))):
+                        ("prefix_recovery", lambda p: plots.plot_probe(unlearned, p))):
             path = fn(tmp / f"{key}.png")
             if path:
                 pngs[key] = path.name
-        sel_path, sel_notes = plots.plot_selection(trials, tmp / "selection.png")
+        sel_path, sel_notes = plots.plot_selection(unlearned, tmp / "selection.png")
         if sel_path:
             pngs["selection"] = sel_path.name
         if selection is not None:
@@ -196,15 +205,41 @@ def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selecti
     return data
 
 
-def _headline(doc: Doc, head: list[dict], suites: list[str]) -> None:
+def sft_floor_summary(info: dict, trials: Sequence[dict], head: list[dict], suites: list[str]) -> dict:
+    """report.json ``sft_floor``: per suite what RLVR changed (reference vs target: sweep.json's
+    ``sft_floor``, else a trial's record of it), and per condition the gain removed / seeds below."""
+    per_suite = dict(info.get("sft_floor") or {})
+    for t in trials:
+        for s, f in (t.get("sft_floor") or {}).items():
+            per_suite.setdefault(s, {"reference_acc": f["reference_acc"], "target_acc": f["target_acc"],
+                                     "gain": f["gain"], "mcnemar_p": f["gain_p"],
+                                     "established": f["gain_established"]})
+    conds = [{"condition": r["condition"], "suite": s,
+              **{k: r["suites"][s].get(k) for k in ("gain_removed", "gain_removed_per_seed", "below_reference",
+                                                    "n_seeds")}}
+             for r in head for s in suites if s in r["suites"]]
+    return {"suites": {s: per_suite[s] for s in suites if s in per_suite}, "conditions": conds,
+            "alpha": floor.GAIN_ALPHA}
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _headline(doc: Doc, head: list[dict], suites: list[str], noise: dict) -> None:
     first = suites[0]
     others = suites[1:]
     doc.h(2, "Headline")
     doc.p(f"Per condition, in the paper's form: {first} problems correct before → after, exact McNemar p "
           "(two-sided binomial on the discordant pairs), and the accuracy change in points on every suite. "
           "With one seed the interval is the trial's paired bootstrap (95%); with several seeds, counts "
-          "are means (range) and the interval is the Student-t interval of the per-seed deltas.")
-    headers = ["condition", "seeds", f"{first}: correct before → after", "McNemar p", f"{first} Δ (pp) [CI]"]
+          "are means (range) and the interval is the Student-t interval of the per-seed deltas. "
+          f"'{first} RL gain removed': (target − unlearned)/(target − reference), mean over seeds, empty where "
+          "RLVR did not significantly change the suite; 'below SFT': seeds whose unlearned accuracy is under "
+          "the reference (SFT) model's (removed more than RL added). Last row: the noise floor, null trials "
+          "(no weight change) evaluated like a trial: discordant answers and pooled McNemar p.")
+    headers = ["condition", "seeds", f"{first}: correct before → after", "McNemar p", f"{first} Δ (pp) [CI]",
+               f"{first} RL gain removed", f"{first} below SFT"]
     headers += [f"{s} Δ (pp) [CI]" for s in others]
     rows = []
     for r in head:
@@ -212,14 +247,61 @@ def _headline(doc: Doc, head: list[dict], suites: list[str]) -> None:
         row = [r["condition"], str(r["n_seeds"])]
         if f:
             row += [f"{fmt_count(f['correct_before'], f['n'])} → {fmt_count(f['correct_after'], f['n'])}",
-                    fmt_pvals(f["p_values"]), f"{fmt_pp(f['mean_delta'])} {fmt_ci(f['ci_low'], f['ci_high'])}"]
+                    fmt_pvals(f["p_values"]), f"{fmt_pp(f['mean_delta'])} {fmt_ci(f['ci_low'], f['ci_high'])}",
+                    _share(f.get("gain_removed")),
+                    f"{f['below_reference']}/{f['n_seeds']}" if f.get("n_seeds") else "–"]
         else:
-            row += ["–", "–", "–"]
+            row += ["–"] * 5
         for s in others:
             e = r["suites"].get(s)
             row.append(f"{fmt_pp(e['mean_delta'])} {fmt_ci(e['ci_low'], e['ci_high'])}" if e else "–")
         rows.append(row)
+    if noise:
+        f = noise.get(first)
+        row = ["null (noise floor)", str(len(f["seeds"]) if f else "–")]
+        row += ([f"{f['flips']} flip(s) in {f['n']} × {len(f['seeds'])}", fmt_p(f["mcnemar_p"]),
+                 f"flip rate {100 * f['flip_rate']:.1f}%", "–", "–"] if f else ["–"] * 5)
+        row += [f"flip rate {100 * noise[s]['flip_rate']:.1f}% (p={fmt_p(noise[s]['mcnemar_p'])})"
+                if s in noise else "–" for s in others]
+        rows.append(row)
     doc.table(headers, rows)
+
+
+def _floors(doc: Doc, noise: dict, sft: dict, suites: list[str]) -> None:
+    doc.h(2, "Noise floor")
+    if not noise:
+        doc.p("No null trial ran (evaluation.noise_floor: false): answer flips without any weight change are "
+              "not measured in this sweep.")
+    else:
+        doc.p("Null trials select nothing and train nothing: the target is evaluated again exactly like a "
+              "trial (fresh backend, same decoding, evaluation cache bypassed), once per seed, and paired with "
+              "the baseline. Flip rate = discordant answers / paired problems (pooled over seeds); McNemar p "
+              "of the pooled counts. A trial's effect should be read against it.")
+        doc.table(["suite", "n", "seeds", "flips (right→wrong, wrong→right)", "flip rate", "McNemar p",
+                   "per seed (flip rate, p)"],
+                  [[s, str(e["n"]), ", ".join(map(str, e["seeds"])),
+                    f"{e['flips']} ({e['right_to_wrong']}, {e['wrong_to_right']})", f"{100 * e['flip_rate']:.1f}%",
+                    fmt_p(e["mcnemar_p"]),
+                    "; ".join(f"s{x['seed']}: {100 * x['flip_rate']:.1f}%, {fmt_p(x['mcnemar_p'])}"
+                              for x in e["per_seed"])] for s, e in noise.items()])
+    doc.h(2, "SFT floor")
+    if not sft["suites"]:
+        doc.p("The reference (SFT) model was not evaluated in this sweep.")
+        return
+    doc.p(f"What RLVR changed on each suite (reference → target, exact McNemar p); the share of that change a "
+          f"trial removed, (target − unlearned)/(target − reference), is defined only where p < {sft['alpha']} "
+          "(else the two models differ by less than their noise, and the cell is empty). 100% = back to the "
+          "SFT level; above 100% = below it.")
+    doc.table(["suite", "reference (SFT)", "target (RLVR)", "RL change (pp)", "McNemar p", "share defined"],
+              [[s, f"{g['reference_acc']:.3f}", f"{g['target_acc']:.3f}", fmt_pp(g["gain"]), fmt_p(g["mcnemar_p"]),
+                "yes" if g["established"] else "no"] for s, g in sft["suites"].items()])
+    cells: dict[str, dict[str, str]] = {}
+    for c in sft["conditions"]:
+        cells.setdefault(c["condition"], {})[c["suite"]] = (
+            f"{_share(c['gain_removed'])} [" + ", ".join(_share(x) for x in c["gain_removed_per_seed"])
+            + f"]; below SFT {c['below_reference']}/{c['n_seeds']}" if c["n_seeds"] else "–")
+    doc.table(["condition"] + [f"{s}: gain removed [per seed]; seeds below SFT" for s in suites],
+              [[cond] + [by.get(s, "–") for s in suites] for cond, by in cells.items()])
 
 
 def _significance(doc: Doc, table: dict) -> None:

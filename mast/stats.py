@@ -35,7 +35,7 @@ import numpy as np
 
 from mast.doc import fmt_ci, fmt_p, fmt_pp
 from mast.files import InputError, read_jsonl, write_json
-from mast.registry import K_FREE_RULES, RHO_RULES
+from mast.registry import K_FREE_RULES, NULL_RULES, RHO_RULES
 from mast.results import MCNEMAR_KEYS, check_trials, load_trials  # noqa: F401 (MCNEMAR_KEYS: the dict's fields)
 
 MCNEMAR_TEST = "exact McNemar (two-sided binomial on discordant pairs, p=1/2)"
@@ -510,7 +510,8 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
     `family`: "sweep" (default) = Holm over every testable primary comparison of every suite in the
     trials (suites x conditions x baselines), whichever suites are returned, so adjusted p-values agree
     with the sweep's seed_table.json; "table" = only the returned suites' comparisons.
-    Failed trials are listed, not used.
+    Failed trials are listed, not used. Null trials (the noise floor, no weight change) are not
+    conditions: they are left out here and reported by :func:`mast.floor.noise_floor`.
     Steps: :func:`group_by_condition` -> :func:`summarize_condition` -> :func:`compare_to_baseline`
     (matched by seed against `full` with the same config apart from rule and k, and `random` with the
     same config apart from the rule) -> :func:`apply_holm`.
@@ -519,7 +520,8 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
     """
     _check_table_args(family, primary, confidence, alpha)
     check_trials(trials)
-    ok = [t for t in trials if t["status"] == "ok"]
+    nulls = [t for t in trials if t["config"].get("rule") in NULL_RULES]
+    ok = [t for t in trials if t["status"] == "ok" and t["config"].get("rule") not in NULL_RULES]
     failed = [{"trial_id": t.get("trial_id"), "config": t.get("config"), "error": t.get("error")}
               for t in trials if t["status"] == "failed"]
     suites = _wanted_suites(trials, ok, suite)
@@ -550,6 +552,9 @@ def seed_level_table(trials: Sequence[dict], suite: str | Sequence[str] | None =
     notes = [n for n in notes if n.split(":", 1)[0] in suites]
     floors = sorted({c["exact_p_floor"] for c in comparisons})
     notes += _power_notes(comparisons, floors)
+    if nulls:
+        notes.append(f"{len(nulls)} null trial(s) (the noise floor: no weight change) are not conditions; "
+                     "see the noise floor")
     return {
         "suites": suites, "primary_test": primary, "primary_reason": PRIMARY_REASON[primary],
         "alternative": "two-sided", "confidence": confidence, "baselines": list(baselines),

@@ -306,8 +306,10 @@ def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None
             counts[n] = counts.get(n, 0) + k
         meta["baseline_evaluations"] = counts
         meta["prepared_key"] = prepared.key
+        meta["sft_floor"] = prepared.rl_gain  # the report reads the SFT floor from here (or the trials)
         write_json(sd.manifest, meta)
-        _log(f"baseline evaluations of the target: {counts}")
+        _log(f"baseline evaluations of the target: {counts}; reference (SFT) accuracy: "
+             + ", ".join(f"{n} {a:.3f}" for n, a in prepared.reference_accuracy.items()))
 
         ctx = TrialContext.build(spec, sd, prepared, grid.trials, tracker, parent)
         started_ray = _ray_init(spec) or started_ray
@@ -346,7 +348,7 @@ def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None
         write_json(sd.manifest, meta)
     from mast.tracking import log_sweep_parent
 
-    log_sweep_parent(tracker, parent, sd, dicts, table, prepared.baseline_accuracy)
+    log_sweep_parent(tracker, parent, sd, dicts, table, prepared.baseline_accuracy, prepared.rl_gain)
     tracker.finish(parent, "FINISHED" if n_ok else "FAILED")
     print(headline(dicts, list(prepared.suites)))
     print(f"{n_ok}/{len(rows)} trials ok -> {sd.root}/trials.jsonl, seed_table.json; MLflow: {uri} "

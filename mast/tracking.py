@@ -88,7 +88,8 @@ def init_experiment(uri: str, name: str, sweep_dir: str | os.PathLike) -> str:
 
 
 def trial_metrics(row: dict) -> dict[str, float]:
-    """Flat per-trial metrics: ``{suite}/accuracy|delta|mcnemar_p|ci_low|ci_high|...``."""
+    """Flat per-trial metrics: ``{suite}/accuracy|delta|mcnemar_p|ci_low|ci_high|...`` and the SFT floor
+    ``{suite}/reference_accuracy|gain_removed|below_reference`` (gain_removed only where defined)."""
     out: dict[str, float] = {}
     for suite, m in (row.get("suites") or {}).items():
         out[f"{suite}/accuracy"] = float(m["acc_after"])
@@ -100,6 +101,11 @@ def trial_metrics(row: dict) -> dict[str, float]:
         out[f"{suite}/right_to_wrong"] = float(m["right_to_wrong"])
         out[f"{suite}/wrong_to_right"] = float(m["wrong_to_right"])
         out[f"{suite}/n"] = float(m["n"])
+    for suite, f in (row.get("sft_floor") or {}).items():
+        out[f"{suite}/reference_accuracy"] = float(f["reference_acc"])
+        out[f"{suite}/below_reference"] = float(bool(f["below_reference"]))
+        if f.get("gain_removed") is not None:
+            out[f"{suite}/gain_removed"] = float(f["gain_removed"])
     return out
 
 
@@ -267,13 +273,29 @@ class Tracker:
 
 
 def log_sweep_parent(tracker: Tracker, parent_run_id: str, sweep_dir: SweepDir, rows: list[dict],
-                     table: dict | None, baseline_accuracy: dict[str, float]) -> None:
-    """Parent run: spec, split ids, baselines, trials table, seed-level significance, Holm, report."""
+                     table: dict | None, baseline_accuracy: dict[str, float], rl_gain: dict[str, dict] | None = None
+                     ) -> None:
+    """Parent run: spec, split ids, baselines, trials table, seed-level significance, Holm, report;
+    the SFT floor (``reference/{suite}/accuracy``, ``rl_gain/{suite}/delta|mcnemar_p``) and the noise
+    floor of the null trials (``noise_floor/{suite}/flip_rate|mcnemar_p``, ``noise_floor.json``)."""
+    from mast.floor import noise_floor
+
     c, sd = tracker.client, sweep_dir
     ts = int(time.time() * 1000)
+    floor = {}
+    for n, g in (rl_gain or {}).items():
+        floor |= {f"reference/{n}/accuracy": g["reference_acc"], f"rl_gain/{n}/delta": g["gain"],
+                  f"rl_gain/{n}/mcnemar_p": g["mcnemar_p"]}
+    noise = noise_floor(rows)
+    for n, e in noise.items():
+        floor |= {f"noise_floor/{n}/flip_rate": e["flip_rate"], f"noise_floor/{n}/mcnemar_p": e["mcnemar_p"]}
     tracker.log_metrics(parent_run_id, {f"baseline/{n}/accuracy": a for n, a in baseline_accuracy.items()}
-                        | {"trials/ok": sum(r["status"] == "ok" for r in rows),
-                           "trials/failed": sum(r["status"] != "ok" for r in rows)}, timestamp=ts)
+                        | floor | {"trials/ok": sum(r["status"] == "ok" for r in rows),
+                                   "trials/failed": sum(r["status"] != "ok" for r in rows)}, timestamp=ts)
+    if noise:
+        c.log_dict(parent_run_id, noise, "noise_floor.json")
+    if rl_gain:
+        c.log_dict(parent_run_id, rl_gain, "sft_floor.json")
     for path in (sd.spec, sd.manifest, sd.trials_jsonl, sd.seed_table):
         if path.is_file():
             c.log_artifact(parent_run_id, str(path))

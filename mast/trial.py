@@ -1,6 +1,12 @@
 """One trial (runs in a Ray worker): select -> unlearn -> evaluate every suite -> McNemar vs the
 cached baseline -> the trial's row (``result.json``, one line of trials.jsonl) + its MLflow run.
 
+Every suite is scored with the evaluation cache bypassed (a fresh backend, the suite's decoding),
+and read against the SFT floor (:mod:`mast.floor`: share of the RLVR gain removed, below the
+reference). A ``null`` trial (the noise floor) selects nothing and skips unlearning: the target
+itself goes through the same evaluation path; bypassing the cache matters most there, since the
+cache is keyed by the model's fingerprint and would hand back the baseline's own records.
+
 A typed :class:`TrialContext` comes in (the prepared data and baselines, shared by every
 trial through ``tune.with_parameters``), a typed :class:`TrialRow` goes out; the row is built
 here and nowhere else.
@@ -17,9 +23,11 @@ from typing import Any
 
 from mast.config import SuiteSpec
 from mast.files import read_json, read_jsonl, write_json, write_jsonl
+from mast.floor import sft_floor_entry
 from mast.grid import Trial, trial_params
 from mast.layout import SweepDir, TrialDir
 from mast.prepare import Prepared, backend_options, now
+from mast.registry import RULE_FACTS
 
 
 @dataclasses.dataclass
@@ -40,6 +48,8 @@ class TrialContext:
     problems: dict[str, list[dict]]
     baseline: dict[str, list[dict]]  # the target's per-problem results per suite
     baseline_probe: dict[str, dict]
+    reference_results: dict[str, list[dict]]  # the reference (SFT) model's per-problem results per suite
+    rl_gain: dict[str, dict]  # suite -> floor.rl_gain (reference vs target)
     selection_cache: str
     backend: str
     batch_size: int
@@ -62,6 +72,8 @@ class TrialContext:
             suites=dict(prepared.suites), problems={n: read_jsonl(sd.suite_problems(n)) for n in names},
             baseline=load_baseline(sd, names),
             baseline_probe={n: read_json(sd.baseline_probe(n)) for n in names if sd.baseline_probe(n).is_file()},
+            reference_results={n: read_jsonl(sd.reference_results(n)) for n in names},
+            rl_gain=dict(prepared.rl_gain),
             selection_cache=prepared.selection_cache, backend=spec.evaluation.backend,
             batch_size=spec.evaluation.batch_size, n_bootstrap=spec.evaluation.n_bootstrap,
             confidence=spec.evaluation.confidence, backend_options=backend_options(spec),
@@ -88,8 +100,9 @@ class TrialRow:
     timing: dict | None = None
     partial: bool | None = None  # ASHA: not every suite scored yet (result.json only)
     stopped_early: bool | None = None  # ASHA stopped it: in trials.jsonl instead of `partial`
+    sft_floor: dict | None = None  # suite -> floor.sft_floor_entry (gain removed, below reference)
 
-    _OPTIONAL = ("all_parameters", "timing", "partial", "stopped_early")
+    _OPTIONAL = ("all_parameters", "timing", "partial", "stopped_early", "sft_floor")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -189,9 +202,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, report) -> None:
     import torch
 
-    from mast.evaluation import evaluate, make_backend
     from mast.selection import select
-    from mast.stats import mcnemar_test
     from mast.unlearn import unlearn
 
     t_start = time.time()
@@ -203,47 +214,68 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
                        template=ctx.template, progress=False)
     write_json(td.selection, selection)
     selected = [c["name"] for c in selection.get("candidates", []) if c.get("selected")]
-    # 2. unlearn (checkpoint in a trial-local folder, deleted after evaluation unless kept)
-    ckpt = td.checkpoint
-    shutil.rmtree(ckpt, ignore_errors=True)
     row = TrialRow(trial.trial_id, "ok", None, trial.config, selected=selected, mlflow_run_id=run_id,
                    all_parameters=bool(selection.get("all_parameters")))
-    try:
-        res = unlearn(ctx.target, selection, forget, retain, trial.unlearning, ckpt, template=ctx.template,
-                      progress=False)
-        write_jsonl(td.losses, res.losses)
+    if not RULE_FACTS[trial.selection.rule].changes_weights:
+        # the noise floor: nothing selected, nothing trained; the target goes through the trial's evaluation
+        assert not selected and not row.all_parameters, "a null trial changes no weight"
         t_unlearn = time.time()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        assert Path(res.out_dir).resolve() != Path(ctx.target).resolve(), "a trial never evaluates the target"
-        # 3. evaluate every suite on the unlearned checkpoint, 4. paired tests vs the cached baseline
-        backend = make_backend(ctx.backend, res.out_dir, batch_size=ctx.batch_size, progress=False,
-                               **ctx.backend_options)
+        evaluate_suites(ctx.target, ctx, td, row, t_start, report)
+    else:
+        # 2. unlearn (checkpoint in a trial-local folder, deleted after evaluation unless kept)
+        ckpt = td.checkpoint
+        shutil.rmtree(ckpt, ignore_errors=True)
         try:
-            for i, (name, suite) in enumerate(ctx.suites.items()):
-                ev = evaluate(res.out_dir, suite, backend=backend, problems=ctx.problems[name], use_cache=False,
-                              progress=False)
-                write_jsonl(td.results(name), ev.records)
-                row.suites[name] = mcnemar_test(ctx.baseline[name], ev.records, n_bootstrap=ctx.n_bootstrap,
-                                                confidence=ctx.confidence, seed=0)
-                if ev.probe is not None and row.probe is None and name in ctx.baseline_probe:
-                    before = ctx.baseline_probe[name]
-                    row.probe = {"suite": name, "fractions": ev.probe["fractions"],
-                                 "before": before["accuracy"], "after": ev.probe["accuracy"]}
-                    write_json(td.probe, {**row.probe, "before_detail": before, "after_detail": ev.probe})
-                if ctx.report_each_suite and i < len(ctx.suites) - 1:
-                    # ASHA: intermediate result after each suite (rung = suites scored); a stopped
-                    # trial keeps the suites it has (partial row, reconciled by the driver)
-                    row.timing = {"started": t_start, "finished": time.time()}
-                    write_json(td.result, dataclasses.replace(row, partial=True).to_dict())
-                    report(report_metrics(row))
+            res = unlearn(ctx.target, selection, forget, retain, trial.unlearning, ckpt, template=ctx.template,
+                          progress=False)
+            write_jsonl(td.losses, res.losses)
+            t_unlearn = time.time()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            assert Path(res.out_dir).resolve() != Path(ctx.target).resolve(), "a trial never evaluates the target"
+            evaluate_suites(res.out_dir, ctx, td, row, t_start, report)
         finally:
-            backend.close()
-    finally:
-        if not ctx.keep_checkpoints:
-            shutil.rmtree(ckpt, ignore_errors=True)
+            if not ctx.keep_checkpoints:
+                shutil.rmtree(ckpt, ignore_errors=True)
     row.timing = {"started": t_start, "unlearned": t_unlearn, "finished": time.time()}
     write_json(td.result, row.to_dict())  # the trial's completion marker
     td.error.unlink(missing_ok=True)
     log_trial_to_mlflow(ctx.tracker, run_id, row, td, ctx.baseline)
     report(report_metrics(row))
+
+
+def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row: TrialRow, t_start: float,
+                    report) -> None:
+    """3. evaluate every suite on `model_dir` (fresh backend, evaluation cache bypassed), 4. paired
+    tests vs the cached baseline and the SFT floor, into `row` (per-problem results in `td`)."""
+    from mast.evaluation import evaluate, make_backend
+    from mast.stats import mcnemar_test
+
+    backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
+    try:
+        for i, (name, suite) in enumerate(ctx.suites.items()):
+            ev = evaluate(model_dir, suite, backend=backend, problems=ctx.problems[name], use_cache=False,
+                          progress=False)
+            assert not ev.cache_hit, "a trial's evaluation never reads the evaluation cache"
+            write_jsonl(td.results(name), ev.records)
+            m = mcnemar_test(ctx.baseline[name], ev.records, n_bootstrap=ctx.n_bootstrap,
+                             confidence=ctx.confidence, seed=0)
+            row.suites[name] = m
+            if name in ctx.rl_gain and name in ctx.reference_results:
+                vs_ref = mcnemar_test(ctx.reference_results[name], ev.records, n_bootstrap=1,
+                                      names=("reference", "unlearned"))["p_value"]
+                row.sft_floor = {**(row.sft_floor or {}),
+                                 name: sft_floor_entry(ctx.rl_gain[name], m["acc_after"], vs_ref)}
+            if ev.probe is not None and row.probe is None and name in ctx.baseline_probe:
+                before = ctx.baseline_probe[name]
+                row.probe = {"suite": name, "fractions": ev.probe["fractions"],
+                             "before": before["accuracy"], "after": ev.probe["accuracy"]}
+                write_json(td.probe, {**row.probe, "before_detail": before, "after_detail": ev.probe})
+            if ctx.report_each_suite and i < len(ctx.suites) - 1:
+                # ASHA: intermediate result after each suite (rung = suites scored); a stopped
+                # trial keeps the suites it has (partial row, reconciled by the driver)
+                row.timing = {"started": t_start, "finished": time.time()}
+                write_json(td.result, dataclasses.replace(row, partial=True).to_dict())
+                report(report_metrics(row))
+    finally:
+        backend.close()
