@@ -247,6 +247,7 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
     out = tmp_path / "sweep"
     got = prepare(spec, out, str(data_dir))
     assert got.evaluations == {"forget": 1, "retain": 1, "gsm8k": 1}
+    assert got.reference_evaluations == {"forget": 1, "retain": 1, "gsm8k": 1}  # the SFT floor, once per suite
     assert list(got.suites) == ["forget", "gsm8k", "retain"]  # forget (the scheduler's metric) first
     assert all(s.template == "boxed_user" and s.decoding.max_tokens == 4 for s in got.suites.values())
     p = out / "prepared"
@@ -260,9 +261,14 @@ def test_prepare_math_splits_baseline_once(tmp_path, tiny_pair, data_dir):
     assert len(set(ids)) == len(ids)  # three disjoint draws
     assert [x["id"] for x in read_jsonl(p / "suites" / "forget.jsonl")] == [x["id"] for x in forget]
     assert len(read_jsonl(p / "baseline" / "gsm8k.jsonl")) == 2
+    for n in got.suites:  # the reference on the same problems; what RL changed, per suite
+        ref = read_jsonl(sd.reference_results(n))
+        assert [r["id"] for r in ref] == [r["id"] for r in read_jsonl(sd.baseline_results(n))]
+        assert got.reference_accuracy[n] == sum(r["correct"] for r in ref) / len(ref) == got.rl_gain[n]["reference_acc"]
     assert {q.parent.name for q in (p / "selection_cache").rglob("*.json")} >= {"spectral", "coupling"}
     again = prepare(spec, out, str(data_dir))
     assert again.evaluations == {"forget": 0, "retain": 0, "gsm8k": 0} and again.key == got.key
+    assert again.reference_evaluations == again.evaluations and again.rl_gain == got.rl_gain
     assert again.suites == got.suites and again.manifest() == got.manifest()  # the cache reads back the same
     changed = _spec(**{**spec.model_dump(), "data": {**spec.data.model_dump(), "split_seed": 2}})
     with pytest.raises(InputError, match="inputs changed since it started"):
@@ -294,6 +300,104 @@ def test_prepare_generated_texts_and_target_correct_forget(tmp_path, tiny_pair, 
     strict = _spec(**{**common, "data": {**common["data"], "require_target_correct": True}})
     with pytest.raises(InputError, match=r"the target solves only \d+ of 12 candidates; need forget_size=3"):
         prepare(strict, tmp_path / "strict", str(data_dir))
+
+
+def _plant(sd: SweepDir, model, suite, problems, correct, tag) -> None:
+    """Stand in for a run of `model` through the evaluation cache (keyed exactly as evaluate() keys it)."""
+    from mast.evaluation import eval_cache_key
+    from mast.files import write_jsonl
+
+    path = sd.eval_cache / "eval" / f"{eval_cache_key(model, suite, problems, 'hf')}.jsonl"
+    write_jsonl(path, [{"id": p["id"], "correct": c, "response": tag, "extracted": None, "prompt_sha": "",
+                        "prompt_tokens": 1, "response_tokens": 1} for p, c in zip(problems, correct)])
+
+
+def test_require_target_correct_tests_against_a_second_independent_run(tmp_path, tiny_pair, data_dir):
+    """The forget set is chosen on run 1 of the target; every trial's McNemar 'before' side is run 2
+    (another sampling seed), where a chosen problem may be missed: the baseline is not right by construction."""
+    from mast.files import read_jsonl
+    from mast.prepare import independent_run, prepare, resolve_suites, sources
+    from mast.stats import mcnemar_test
+    from mast.trial import load_baseline
+
+    reference, target = tiny_pair
+    spec = _spec(models={"reference": str(reference), "target": str(target)},
+                 data={"forget_size": 3, "retain_size": 2, "retain_train_size": 2, "require_target_correct": True},
+                 selection={"max_length": 256},
+                 evaluation={"suites": ["forget", "retain"], "template": "boxed_user",
+                             "decoding": {"max_tokens": 4, "temperature": 0.7, "seed": 5}, "batch_size": 8})
+    sd = SweepDir(tmp_path / "sweep")
+    src = sources(spec, sd, str(data_dir))
+    forget = resolve_suites(spec, src, None, str(data_dir))["forget"]
+    cands, first = forget.problems, forget.spec
+    second = independent_run(first)
+    assert (first.decoding.seed, second.decoding.seed) == (5, 6) and second.model_copy(
+        update={"decoding": first.decoding}) == first
+    solved = [i % 2 == 0 for i in range(len(cands))]  # run 1 solves every other candidate
+    _plant(sd, src.target, first, cands, solved, "run 1")
+    chosen = [p for p, ok in zip(cands, solved) if ok][:3]
+    _plant(sd, src.target, second, chosen, [True, False, True], "run 2")  # run 2 misses one of them
+
+    got = prepare(spec, sd, str(data_dir))
+    assert got.evaluations["forget"] == 2
+    assert [p["id"] for p in read_jsonl(sd.forget_texts)] == [p["id"] for p in chosen]
+    assert [(r["response"], r["correct"]) for r in read_jsonl(sd.baseline_selection_run("forget"))] == [
+        ("run 1", True)] * 3
+    before = load_baseline(sd, ["forget"])["forget"]  # what every trial is paired with
+    assert [(r["response"], r["correct"]) for r in before] == [("run 2", True), ("run 2", False), ("run 2", True)]
+    m = mcnemar_test(before, [{"id": r["id"], "correct": False} for r in before], n_bootstrap=10)
+    assert m["acc_before"] == pytest.approx(2 / 3) and m["right_to_wrong"] == 2  # not 3/3 as run 1 has
+
+
+def test_null_trial_evaluates_the_target_again_with_the_cache_bypassed(tmp_path, tiny_pair, data_dir):
+    """The noise floor on the CPU hf backend: greedy decoding is deterministic, so the null trial's
+    answers equal the baseline's (flip rate 0, McNemar p = 1), although the evaluation cache (keyed by
+    the target's fingerprint) was poisoned to say every answer flipped: the trial never reads it."""
+    from mast.evaluation import evaluate
+    from mast.files import read_json, read_jsonl, write_jsonl
+    from mast.floor import noise_floor
+    from mast.prepare import prepare
+    from mast.tracking import Tracker, default_uri, init_experiment
+    from mast.trial import TrialContext, _run_trial_body
+
+    reference, target = tiny_pair
+    spec = _spec(models={"reference": str(reference), "target": str(target)},
+                 data={"forget_size": 4, "retain_size": 3, "retain_train_size": 2},
+                 selection={"max_length": 256}, grid={"rule": ["null"], "seed": [3]},
+                 evaluation={"suites": ["forget", "retain"], "template": "boxed_user",
+                             "decoding": {"max_tokens": 4}, "batch_size": 8})
+    (null,) = expand_grid(spec).trials
+    sd = SweepDir(tmp_path / "sweep")
+    prepared = prepare(spec, sd, str(data_dir))
+    for name, suite in prepared.suites.items():
+        problems = read_jsonl(sd.suite_problems(name))
+        cached = evaluate(prepared.target, suite, problems=problems, cache_dir=sd.eval_cache)
+        assert cached.cache_hit  # the baseline's own records, under the target's fingerprint
+        path = sd.eval_cache / "eval" / f"{cached.key}.jsonl"
+        write_jsonl(path, [{**r, "correct": not r["correct"], "response": "poison"} for r in cached.records])
+        assert evaluate(prepared.target, suite, problems=problems, cache_dir=sd.eval_cache).records[0][
+            "response"] == "poison"
+    uri = default_uri(sd.root)
+    tracker = Tracker(uri, init_experiment(uri, "null", sd.root), "sweep-null")
+    parent = tracker.parent_run("null")
+    ctx = TrialContext.build(spec, sd, prepared, [null], tracker, parent)
+    td = sd.trial(null.trial_id)
+    td.root.mkdir(parents=True)
+    reports: list[dict] = []
+    _run_trial_body(null, ctx, td, tracker.trial_run(parent, null.trial_id, {"rule": "null"}), reports.append)
+
+    row = read_json(td.result)
+    assert row["trial_id"] == "null-s3" and row["selected"] == [] and not row["all_parameters"]
+    assert not td.losses.is_file() and not td.checkpoint.exists()  # nothing trained
+    for name in prepared.suites:
+        assert [r["response"] for r in read_jsonl(td.results(name))] == [
+            r["response"] for r in read_jsonl(sd.baseline_results(name))]
+        assert row["sft_floor"][name]["below_reference"] == (
+            row["suites"][name]["acc_after"] < prepared.reference_accuracy[name])
+    nf = noise_floor([row])
+    assert {s: (e["flip_rate"], e["mcnemar_p"], e["seeds"]) for s, e in nf.items()} == {
+        "forget": (0.0, 1.0, [3]), "retain": (0.0, 1.0, [3])}
+    assert reports[-1]["forget/mcnemar_p"] == 1.0 and tracker.run_status(row["mlflow_run_id"]) == "FINISHED"
 
 
 # --------------------------------------------------------------------------- slow: real Ray + MLflow on the toy
