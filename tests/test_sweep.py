@@ -441,22 +441,29 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
         meta = run_sweep(spec, out=out)
     finally:
         ray.shutdown()
-    ids = ["mast-npo-k2-s0", "mast-npo-k2-s1", "full-npo-s0", "full-npo-s1"]
-    assert meta["n_trials"] == 4 and meta["n_ok"] == 4 and meta["trial_ids"] == ids
+    ids = ["mast-npo-k2-s0", "mast-npo-k2-s1", "full-npo-s0", "full-npo-s1", "null-s0", "null-s1"]
+    assert meta["n_trials"] == 6 and meta["n_ok"] == 6 and meta["trial_ids"] == ids
     assert meta["baseline_evaluations"] == {"forget": 1, "retain": 1}  # once per suite, not per trial
     rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert [r["trial_id"] for r in rows] == ids and all(r["status"] == "ok" for r in rows)
     for r in rows:
         assert set(r["suites"]) == {"forget", "retain"} and r["suites"]["forget"]["n"] == 16
+        assert set(r["sft_floor"]) == {"forget", "retain"}  # read against the SFT model on every suite
         tdir = out / "trials" / r["trial_id"]
-        assert {"config.json", "selection.json", "losses.jsonl", "result.json", "results"} <= {
-            p.name for p in tdir.iterdir()}
+        assert {"config.json", "selection.json", "result.json", "results"} <= {p.name for p in tdir.iterdir()}
+        assert (tdir / "losses.jsonl").is_file() == (r["config"]["rule"] != "null")
         assert not (tdir / "checkpoint").exists()  # deleted after evaluation
         assert json.loads((tdir / "result.json").read_text()) == r
     assert len(rows[0]["selected"]) == 2 and rows[2]["all_parameters"]
+    # the noise floor: the null trials (cache bypassed) reproduce the greedy CPU baseline exactly
+    report_json = json.loads((out / "report" / "report.json").read_text())
+    assert {s: (e["flip_rate"], e["mcnemar_p"], e["seeds"]) for s, e in report_json["noise_floor"].items()} == {
+        "forget": (0.0, 1.0, [0, 1]), "retain": (0.0, 1.0, [0, 1])}
+    assert set(report_json["sft_floor"]["suites"]) == {"forget", "retain"} == set(meta["sft_floor"])
     table = json.loads((out / "seed_table.json").read_text())
     assert table == json.loads(json.dumps(seed_level_table(rows, suite=None)))
     assert any(c["condition"] == "mast/npo/k=2" and c["baseline"] == "full" for c in table["comparisons"])
+    assert not any(c["condition"].startswith("null") for c in table["conditions"])
 
     # MLflow: one parent, one FINISHED child per trial with the metric names, tables, artifacts
     c, runs = _child_runs(meta["tracking_uri"], meta["experiment_id"])
@@ -465,9 +472,12 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
     assert all(r.data.tags["mlflow.parentRunId"] == meta["parent_run_id"] for r in runs)
     for r in runs:
         for s in ("forget", "retain"):
-            assert {f"{s}/accuracy", f"{s}/delta", f"{s}/mcnemar_p", f"{s}/ci_low", f"{s}/ci_high"} <= set(
-                r.data.metrics)
+            assert {f"{s}/accuracy", f"{s}/delta", f"{s}/mcnemar_p", f"{s}/ci_low", f"{s}/ci_high",
+                    f"{s}/reference_accuracy", f"{s}/below_reference"} <= set(r.data.metrics)
         p = r.data.params
+        if p["rule"] == "null":
+            assert p == {"rule": "null", "seed": r.info.run_name[-1]}
+            continue
         assert p["rule"] in ("mast", "full") and "seed" in p
         # the resolved config, and k / rho only for the rule that uses them
         assert (p["lr"], p["steps"], p["batch_size"], p["beta"], p["retain"]) == ("0.001", "2", "4", "0.1", "nll")
@@ -477,12 +487,17 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
         assert "selection.json" in arts and {a.path for a in c.list_artifacts(r.info.run_id, "results")} == {
             "results/forget.json", "results/retain.json"}
     parent = c.get_run(meta["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/ok"] == 4
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/ok"] == 6
+    pm = parent.data.metrics
+    assert (pm["noise_floor/forget/flip_rate"], pm["noise_floor/forget/mcnemar_p"]) == (0.0, 1.0)
+    assert pm["reference/forget/accuracy"] == meta["sft_floor"]["forget"]["reference_acc"]
+    assert {"rl_gain/forget/delta", "rl_gain/retain/mcnemar_p", "noise_floor/retain/flip_rate"} <= set(pm)
     sig = {a.path for a in c.list_artifacts(parent.info.run_id, "significance")}
     assert {"significance/seed_table.json", "significance/holm.json"} <= sig
     holm = json.loads(open(c.download_artifacts(parent.info.run_id, "significance/holm.json", str(tmp_path))).read())
     assert holm["comparisons"] and all("p_holm" in x for x in holm["comparisons"])
-    assert {"spec.yaml", "baseline", "splits"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"spec.yaml", "baseline", "splits", "noise_floor.json", "sft_floor.json"} <= {
+        a.path for a in c.list_artifacts(parent.info.run_id)}
     assert "headline" not in capsys.readouterr().err  # (output goes to stdout)
 
     # a finished sweep: refused without --resume; --resume re-runs nothing and duplicates nothing
@@ -494,7 +509,7 @@ def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
     assert meta2["baseline_evaluations"] == {"forget": 1, "retain": 1}
     assert {i: (out / "trials" / i / "result.json").stat().st_mtime_ns for i in ids} == before
     _, runs = _child_runs(meta["tracking_uri"], meta["experiment_id"])
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
 
 
 @pytest.mark.slow
@@ -515,6 +530,7 @@ def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, to
     spec = _toy_spec(toy_dir, "killed", {"rule": ["full"], "lr": [1e-3, 1e30], "seed": [0, 1]},
                      resources={"cpu": 1, "max_concurrent": 1, "max_failures": 1})
     spec["unlearning"]["max_grad_norm"] = None
+    spec["evaluation"]["noise_floor"] = False  # resume is the point here, not the floors
     p = _write(tmp_path, spec)
     cmd = [sys.executable, "-m", "mast.cli", "sweep", str(p), "--out", str(out)]
     env = {**os.environ, "MAST_RAY_NUM_CPUS": "2"}
