@@ -9,6 +9,11 @@ the choosing run would make wrong->right flips impossible by construction, so ev
 alone would look like forgetting. With greedy decoding on the CPU the two runs are identical
 (nothing to correct); with sampling or vLLM batching they differ.
 
+Sampling seeds (they matter only with temperature > 0): the baseline runs with the suite's
+``decoding.seed`` s; require_target_correct's second run with s + 1; a trial of seed k (a null
+trial included) with s + ``TRIAL_SEED_OFFSET`` + k (:func:`trial_run`), so a trial's run is
+independent of the baseline's and the null trial measures exactly the noise a trial faces.
+
 Which data is which:
 - MATH (``models.reference/target``): the forget split (``data.forget_size`` problems of the
   MATH pool = MATH minus MATH-500) is both what is unlearned and the ``forget`` suite (the
@@ -39,6 +44,7 @@ from mast.layout import SweepDir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREPARED_VERSION = 2  # 2: the reference's results (SFT floor), require_target_correct's second run
 INDEPENDENT_SEED_OFFSET = 1
+TRIAL_SEED_OFFSET = 100
 
 
 def _log(msg: str) -> None:
@@ -390,12 +396,17 @@ def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], 
     return out
 
 
-def independent_run(suite: SuiteSpec) -> SuiteSpec:
-    """The suite with another sampling seed (decoding.seed + INDEPENDENT_SEED_OFFSET): a second run of
-    the same model whose noise is independent of the first (identical under greedy CPU decoding)."""
+def independent_run(suite: SuiteSpec, offset: int = INDEPENDENT_SEED_OFFSET) -> SuiteSpec:
+    """The suite with another sampling seed (decoding.seed + offset): a run of the same model whose
+    sampling noise is independent of the first (identical under greedy decoding)."""
     d = suite.model_dump()
-    d["decoding"] = {**d["decoding"], "seed": d["decoding"]["seed"] + INDEPENDENT_SEED_OFFSET}
+    d["decoding"] = {**d["decoding"], "seed": d["decoding"]["seed"] + offset}
     return SuiteSpec.model_validate(d)
+
+
+def trial_run(suite: SuiteSpec, trial_seed: int) -> SuiteSpec:
+    """How a trial of seed `trial_seed` evaluates `suite`: sampling seed s + TRIAL_SEED_OFFSET + seed."""
+    return independent_run(suite, TRIAL_SEED_OFFSET + int(trial_seed))
 
 
 def evaluate_reference(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir) -> Baselines:

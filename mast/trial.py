@@ -26,7 +26,7 @@ from mast.files import read_json, read_jsonl, write_json, write_jsonl
 from mast.floor import sft_floor_entry
 from mast.grid import Trial, trial_params
 from mast.layout import SweepDir, TrialDir
-from mast.prepare import Prepared, backend_options, now
+from mast.prepare import Prepared, backend_options, now, trial_run
 from mast.registry import RULE_FACTS
 
 
@@ -220,7 +220,7 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
         # the noise floor: nothing selected, nothing trained; the target goes through the trial's evaluation
         assert not selected and not row.all_parameters, "a null trial changes no weight"
         t_unlearn = time.time()
-        evaluate_suites(ctx.target, ctx, td, row, t_start, report)
+        evaluate_suites(ctx.target, ctx, td, row, t_start, report, trial.unlearning.seed)
     else:
         # 2. unlearn (checkpoint in a trial-local folder, deleted after evaluation unless kept)
         ckpt = td.checkpoint
@@ -233,7 +233,7 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             assert Path(res.out_dir).resolve() != Path(ctx.target).resolve(), "a trial never evaluates the target"
-            evaluate_suites(res.out_dir, ctx, td, row, t_start, report)
+            evaluate_suites(res.out_dir, ctx, td, row, t_start, report, trial.unlearning.seed)
         finally:
             if not ctx.keep_checkpoints:
                 shutil.rmtree(ckpt, ignore_errors=True)
@@ -245,17 +245,18 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
 
 
 def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row: TrialRow, t_start: float,
-                    report) -> None:
-    """3. evaluate every suite on `model_dir` (fresh backend, evaluation cache bypassed), 4. paired
-    tests vs the cached baseline and the SFT floor, into `row` (per-problem results in `td`)."""
+                    report, seed: int = 0) -> None:
+    """3. evaluate every suite on `model_dir` (fresh backend, evaluation cache bypassed, the trial's own
+    sampling seed: prepare.trial_run), 4. paired tests vs the cached baseline and the SFT floor, into
+    `row` (per-problem results in `td`)."""
     from mast.evaluation import evaluate, make_backend
     from mast.stats import mcnemar_test
 
     backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
     try:
         for i, (name, suite) in enumerate(ctx.suites.items()):
-            ev = evaluate(model_dir, suite, backend=backend, problems=ctx.problems[name], use_cache=False,
-                          progress=False)
+            ev = evaluate(model_dir, trial_run(suite, seed), backend=backend, problems=ctx.problems[name],
+                          use_cache=False, progress=False)
             assert not ev.cache_hit, "a trial's evaluation never reads the evaluation cache"
             write_jsonl(td.results(name), ev.records)
             m = mcnemar_test(ctx.baseline[name], ev.records, n_bootstrap=ctx.n_bootstrap,

@@ -400,6 +400,25 @@ def test_null_trial_evaluates_the_target_again_with_the_cache_bypassed(tmp_path,
     assert reports[-1]["forget/mcnemar_p"] == 1.0 and tracker.run_status(row["mlflow_run_id"]) == "FINISHED"
 
 
+def test_trials_sample_independently_of_the_baseline(tiny_model, problems):
+    """With sampling, a trial of seed k (a null trial too) draws with seed s + 100 + k, not the baseline's s:
+    a null trial is then a second, independent run (not a replay of the baseline's random stream)."""
+    from mast.config import SuiteSpec
+    from mast.evaluation import evaluate
+    from mast.prepare import TRIAL_SEED_OFFSET, trial_run
+
+    suite = SuiteSpec(name="s", benchmark="jsonl", path="<test>", template="plain",
+                      decoding={"temperature": 1.0, "max_tokens": 8, "seed": 5})
+    assert [trial_run(suite, k).decoding.seed for k in (0, 2)] == [5 + TRIAL_SEED_OFFSET, 7 + TRIAL_SEED_OFFSET]
+
+    def responses(sv):
+        return [r["response"] for r in evaluate(tiny_model, sv, problems=problems[:6], use_cache=False,
+                                                progress=False).records]
+
+    baseline, null = responses(suite), responses(trial_run(suite, 0))
+    assert null != baseline and responses(trial_run(suite, 0)) == null  # independent, yet reproducible
+
+
 # --------------------------------------------------------------------------- slow: real Ray + MLflow on the toy
 
 
