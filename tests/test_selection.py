@@ -87,7 +87,7 @@ def test_all_rules_mark_everything_and_ignore_k(rule):
 
 
 def test_rules_registry_is_complete():
-    assert set(RULES) == {"mast", "off_principal", "magnitude", "coupling", "random", "attention", "full"}
+    assert set(RULES) == {"mast", "off_principal", "magnitude", "coupling", "random", "attention", "full", "null"}
 
 
 # --------------------------------------------------------------------------- inventory and streaming
@@ -237,7 +237,7 @@ def test_cli_select_every_rule(rule, tiny_pair, forget_file, cache_dir, tmp_path
                           "coupling_cosine", "score", "selected"}
         assert isinstance(c["selected"], bool) and len(c["shape"]) == 2
     n_sel = sum(c["selected"] for c in sel["candidates"])
-    assert n_sel == (8 if rule in ("attention", "full") else 2)
+    assert n_sel == (8 if rule in ("attention", "full") else 0 if rule == "null" else 2)  # null: the noise floor
     if rule in ("mast", "off_principal", "magnitude", "coupling"):
         assert set(sel["selected"]) <= PLANTED
     table = capsys.readouterr().out
