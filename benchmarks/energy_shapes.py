@@ -13,7 +13,10 @@ rotation invariant, so W's principal subspace is taken as the first r coordinate
 Prints, per top-k and per score, the share of k/v projections among the selected tensors,
 and how many planted concentrated / off-principal tensors were selected, averaged over seeds:
 
-    python benchmarks/energy_shapes.py [--seeds 5] [--layers 28]
+    python benchmarks/energy_shapes.py [--seeds 5] [--layers 28] [--toy TOY_DIR]
+
+With ``--toy`` it also ranks the real attention increments of a toy build (reference =
+``sft``, target = ``rlvr``; exact SVD, the matrices are small).
 """
 
 from __future__ import annotations
@@ -80,11 +83,54 @@ def top_k(rows: list[dict], score: str, k: int) -> list[dict]:
     return sorted(rows, key=lambda x: (-x[score], x["name"]))[:k]
 
 
+def toy_rows(toy_dir: str) -> list[dict]:
+    """Raw / normalized / standardized signals of the toy's attention increments (sft -> rlvr)."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    def weights(d):
+        out = {}
+        for f in sorted(Path(toy_dir, d).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    ref, tgt = weights("sft"), weights("rlvr")
+    rows = []
+    for name in sorted(ref):
+        t = next((t for t in SHAPES if name.endswith(f"{t}.weight")), None)
+        if t is None:
+            continue
+        W = ref[name].astype(np.float64)
+        s = en.energy_signals(W, tgt[name].astype(np.float64) - W, RHO)
+        rows.append({"name": name, "type": t, "kind": "toy", "shape": W.shape, "raw": s["off_principal_raw"],
+                     "normalized": s["off_principal_normalized"], "standardized": -s["concentration_z"],
+                     "concentration": s["concentration"]})
+    return rows
+
+
+def print_toy(toy_dir: str) -> None:
+    rows = toy_rows(toy_dir)
+    shapes = sorted({(r["type"], r["shape"]) for r in rows})
+    print(f"\ntoy {toy_dir}: {len(rows)} attention tensors, shapes {shapes}, rho {RHO}")
+    print(f"{'score':<13}{'top-k':>6}{'k/v share':>11}")
+    for s in ("raw", "normalized", "standardized"):
+        for k in (2, 4, 8):
+            top = top_k(rows, s, k)
+            print(f"{s:<13}{k:>6}{sum(x['type'] in ('k_proj', 'v_proj') for x in top) / k:>11.2f}   "
+                  + " ".join(x["name"].replace("model.layers.", "L").replace(".self_attn.", ".").removesuffix(".weight")
+                             for x in top))
+    by_type = {t: [r["concentration"] for r in rows if r["type"] == t] for t in SHAPES}
+    print("concentration c = f / (r^2/mn) by type (1 = direction-free): "
+          + ", ".join(f"{t} {np.mean(v):.2f} [{min(v):.2f}, {max(v):.2f}]" for t, v in by_type.items() if v))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--planted", type=int, default=4, help="planted tensors of each kind (half q/o, half k/v)")
+    ap.add_argument("--toy", help="a toy build (mast toy) whose sft -> rlvr increments to rank too")
     args = ap.parse_args()
     t0 = time.time()
     ks, scores = (4, 8, 16, 32), ("raw", "normalized", "standardized")
@@ -109,6 +155,8 @@ def main() -> None:
             print(f"{s:<13}{k:>6}{a[:, 0].mean():>11.2f}{1 - a[:, 0].mean():>11.2f}{a[:, 1].mean():>24.1f}"
                   f"{a[:, 2].mean():>26.1f}")
     print(f"({time.time() - t0:.0f} s)")
+    if args.toy:
+        print_toy(args.toy)
 
 
 if __name__ == "__main__":
