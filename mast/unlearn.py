@@ -576,6 +576,9 @@ def _spec_from_args(args) -> UnlearnSpec:
 def cli_unlearn(args) -> int:
     """`mast unlearn`: read the selection and problem files, run :func:`unlearn`, print a summary."""
     spec = _spec_from_args(args)
+    if spec.stop is not None:
+        raise InputError(f"{args.spec}: stop: `mast unlearn` has no stop check (it needs forget-validation "
+                         "problems); use it in a sweep, or remove it and set steps")
     if not Path(args.target).is_dir():
         raise InputError(f"{args.target}: not a checkpoint folder")
     selection = read_json(args.selection)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from mast.cli import main as mast_main
 from mast.config import StopSpec, SuiteSpec, UnlearnSpec, validate
-from mast.files import InputError, read_json, read_jsonl
+from mast.files import InputError, read_json, read_jsonl, write_json, write_jsonl
 from mast.stopping import (
     accuracy_check,
     check_steps,
@@ -171,4 +172,18 @@ def test_a_stopping_rule_needs_a_check(tiny_model, forget_sets, tmp_path):
     spec = UnlearnSpec(objective="ga", lr=1e-3, batch_size=2, stop={"target": 0.1, "every": 1, "max_steps": 2})
     with pytest.raises(InputError, match="unlearning.stop is set but no stop check"):
         unlearn(tiny_model, _selection(), forget, None, spec, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unlearn_refuses_a_stopping_rule_in_one_line(tiny_model, problems, tmp_path, capsys):
+    import yaml
+
+    write_json(tmp_path / "sel.json", _selection())
+    write_jsonl(tmp_path / "forget.jsonl", problems[:6])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"objective": "ga", "stop": {"target": 0.1, "every": 1, "max_steps": 3}}))
+    rc = mast_main(["unlearn", "--target", str(tiny_model), "--selection", str(tmp_path / "sel.json"),
+                    "--forget", str(tmp_path / "forget.jsonl"), "--spec", str(spec), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(spec) in err and "stop" in err
     assert not (tmp_path / "o").exists()
