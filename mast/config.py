@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mast.files import InputError
 from mast.registry import (
@@ -131,6 +139,41 @@ class SelectionSpec(Spec):
         return v
 
 
+STOP_METRICS = ("forget_val_accuracy", "forget_nll_rise")
+
+
+class StopSpec(Spec):
+    """Matched forgetting: end unlearning at the first check where the forget criterion reaches `target`.
+
+    Checked every `every` optimiser steps (and at `max_steps`, the cap that replaces
+    `unlearning.steps`); the value before the first step is the baseline.
+
+    - `forget_val_accuracy`: greedy accuracy on the forget-VALIDATION problems; stop when it is
+      at or below `target` (absolute, in [0, 1]) or `target` x baseline (`relative`).
+    - `forget_nll_rise`: mean forget NLL per completion token; stop when it has risen by
+      `target` nats/token (absolute, > 0) or by `target` x baseline (`relative`), for models
+      where in-loop generation is too costly.
+    """
+
+    metric: Literal[STOP_METRICS] = "forget_val_accuracy"  # type: ignore[valid-type]
+    target: float = Field(allow_inf_nan=False)
+    relative: bool = False
+    every: int = Field(5, gt=0)
+    max_steps: int = Field(100, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> StopSpec:
+        if self.metric == "forget_val_accuracy" and not 0.0 <= self.target <= 1.0:
+            what = "a fraction of the baseline accuracy" if self.relative else "an accuracy"
+            raise ValueError(f"target must be in [0, 1] ({what}), got {self.target}")
+        if self.metric == "forget_nll_rise" and self.target <= 0.0:
+            what = "a fraction of the baseline NLL" if self.relative else "nats/token"
+            raise ValueError(f"target must be > 0 ({what}), got {self.target}")
+        if self.every > self.max_steps:
+            raise ValueError(f"every ({self.every}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
 class UnlearnSpec(Spec):
     """The unlearning run. Defaults from the unlearning literature for ~1.5B models."""
 
@@ -156,6 +199,21 @@ class UnlearnSpec(Spec):
     bf16: bool = True
     gradient_checkpointing: bool = True
     texts: Literal["reference", "generated"] = "reference"
+    # matched forgetting: stop at a forget level instead of after `steps` (None: run `steps`)
+    stop: StopSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_stop(self, handler):
+        # without a stopping rule the dump (and every hash of it) is the same as before the field existed
+        d = handler(self)
+        if isinstance(d, dict) and d.get("stop", 0) is None:
+            d.pop("stop")
+        return d
+
+    @property
+    def step_cap(self) -> int:
+        """Optimiser steps at most: `stop.max_steps` with a stopping rule, else `steps`."""
+        return self.stop.max_steps if self.stop is not None else self.steps
 
     @property
     def effective_beta(self) -> float:
