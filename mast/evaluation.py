@@ -629,11 +629,10 @@ def score_probe(problems: list[dict], items: list[tuple], continuations: list[st
 def cli_eval(args) -> int:
     """`mast eval --model DIR --suite SUITE.yaml [--backend] [--data-dir] [--limit] --out RESULTS.jsonl`."""
     from mast.config import load_suite
+    from mast.hub import resolve_model
 
-    model = Path(args.model)
-    if not model.is_dir() or not (model / "config.json").is_file():
-        raise InputError(f"--model {model}: not a checkpoint folder (no config.json)")
     suite = load_suite(args.suite)
+    model = Path(resolve_model(args.model, "--model"))  # a folder or a Hub id (offline from the cache)
     if getattr(args, "limit", None):
         if args.limit <= 0:
             raise InputError("--limit: must be > 0")

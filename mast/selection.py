@@ -674,7 +674,11 @@ def spec_from_args(args) -> SelectionSpec:
 
 
 def cli_select(args) -> int:
+    from mast.hub import resolve_model
+
     spec = spec_from_args(args)
+    args.reference = resolve_model(args.reference, "--reference")  # a folder or a Hub id
+    args.target = resolve_model(args.target, "--target")
     check_model_dir(args.reference, "--reference")
     check_model_dir(args.target, "--target")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))

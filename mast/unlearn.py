@@ -531,9 +531,10 @@ def _spec_from_args(args) -> UnlearnSpec:
 
 def cli_unlearn(args) -> int:
     """`mast unlearn`: read the selection and problem files, run :func:`unlearn`, print a summary."""
+    from mast.hub import resolve_model
+
     spec = _spec_from_args(args)
-    if not Path(args.target).is_dir():
-        raise InputError(f"{args.target}: not a checkpoint folder")
+    args.target = resolve_model(args.target, "--target")  # a folder or a Hub id
     selection = read_json(args.selection)
     selection_names(selection, args.selection)
     forget = read_jsonl(args.forget, PROBLEM_FIELDS)
