@@ -25,7 +25,7 @@ checkpointing. On CPU both are no-ops (float32 throughout).
 Output folder (written atomically; nothing at all when the run fails):
 
 - the full ``save_pretrained`` checkpoint in the target's stored dtype, with its tokenizer;
-- ``delta.safetensors``: the NEW VALUES of the tensors that changed (not new − old: a float
+- ``delta/delta.safetensors`` (a subfolder, so vLLM and transformers never load it as weights): the NEW VALUES of the tensors that changed (not new − old: a float
   difference does not round-trip bit-for-bit). :func:`apply_delta` loads the target and
   overwrites those tensors, which rebuilds the saved weights exactly; ``new − target`` is one
   subtraction away for analysis;
@@ -69,7 +69,9 @@ from mast.objectives import (
 from mast.prompts import problem_pair
 from mast.registry import NEEDS_REFERENCE
 
-DELTA_FILE = "delta.safetensors"
+# in a subfolder: vLLM loads EVERY top-level *.safetensors of a checkpoint without an index, so a
+# delta beside model.safetensors would be read as weights (a sibling file name would clash too)
+DELTA_FILE = "delta/delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 LOSSES_FILE = "losses.jsonl"
 DELTA_FORMAT = "mast-delta-v1/replace"
@@ -462,6 +464,7 @@ def unlearn(
     with atomic_dir(out_dir) as tmp, quiet_loading():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / DELTA_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file(changed, str(tmp / DELTA_FILE),
                   metadata={"format": "pt", "mast_delta": DELTA_FORMAT, "target_fingerprint": target_fp})
         write_jsonl(tmp / LOSSES_FILE, losses)
