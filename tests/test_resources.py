@@ -108,3 +108,16 @@ def test_local_gpu_count_matches_torch_here():
     import torch
 
     assert local_gpu_count() == torch.cuda.device_count()
+
+
+def test_paper_spec_samples_r1_style_and_unlearns_on_generated_texts():
+    from pathlib import Path
+
+    spec = load_yaml(Path(__file__).resolve().parents[1] / "sweeps" / "paper.yaml", SweepSpec)
+    d = spec.evaluation.decoding
+    assert (d.temperature, d.top_p) == (0.6, 0.95) and d.n >= 4  # DeepSeek's R1-distill settings, avg@n
+    assert spec.evaluation.max_model_len >= d.max_tokens + 512   # room for the prompt
+    assert spec.unlearning.texts == "generated"
+    assert spec.unlearning.max_length >= 8192 and spec.selection.max_length >= 8192
+    assert spec.evaluation.backend == "vllm" and spec.resources.gpu == 1
+    assert spec.evaluation.dtype == "bfloat16" and spec.evaluation.timeout_s > 3600
