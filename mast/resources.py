@@ -5,9 +5,9 @@
   empty ``CUDA_VISIBLE_DEVICES``) raises :class:`NoCudaError` instead of quietly unlearning and
   evaluating on the CPU for hours.
 - :func:`check_local_gpus` (driver start, before anything is created): a sweep that asks for
-  GPUs on a Ray it starts itself (no ``RAY_ADDRESS``) on a machine with fewer GPUs than one
-  trial needs would wait forever for a placement; refuse it with one line (exit 2). A cluster
-  it connects to may autoscale GPU nodes from zero, so an address is never refused.
+  GPUs (or more CPUs than the local Ray gets) on a Ray it starts itself (no ``RAY_ADDRESS``)
+  would wait forever for a placement; refuse it with one line (exit 2). A cluster it connects
+  to may autoscale GPU nodes from zero, so an address is never refused.
 
 The decisions are pure functions of plain values (:func:`cuda_problem`,
 :func:`check_local_gpus`); :func:`local_gpu_count` and :func:`require_cuda` read the machine.
@@ -57,22 +57,30 @@ def require_cuda(gpu: float) -> None:
         raise NoCudaError(msg)
 
 
-def check_local_gpus(spec_gpu: float, ray_address: str | None, cluster_resources: Mapping[str, float]) -> None:
-    """Refuse (InputError) a GPU sweep on a Ray the driver starts itself when it lacks the GPUs.
+def check_local_gpus(spec_gpu: float, ray_address: str | None, cluster_resources: Mapping[str, float],
+                     spec_cpu: float = 0.0) -> None:
+    """Refuse (InputError) a sweep whose trial cannot fit the Ray the driver starts itself.
 
     `spec_gpu`: GPUs one trial needs (``max(resources.gpu, tensor_parallel_size)`` for vLLM);
     `ray_address`: ``$RAY_ADDRESS`` (None/"" or "local" = the driver starts a local Ray);
-    `cluster_resources`: what that Ray would have, e.g. ``{"GPU": 0}`` (:func:`local_gpu_count`).
-    A trial that can never be placed would leave Tune waiting forever.
+    `cluster_resources`: what that Ray would have, e.g. ``{"GPU": 0, "CPU": 8}``
+    (:func:`local_gpu_count`, ``os.cpu_count()`` or ``$MAST_RAY_NUM_CPUS``); `spec_cpu`:
+    ``resources.cpu``, checked only when `cluster_resources` has a "CPU" entry. A trial that can
+    never be placed would leave Tune waiting forever; a cluster address is never refused (it
+    may autoscale GPU nodes from zero).
     """
-    if spec_gpu <= 0 or (ray_address and ray_address != "local"):
+    if ray_address and ray_address != "local":
         return
-    have = float(cluster_resources.get("GPU", 0) or 0)
-    if have < spec_gpu:
-        raise InputError(
-            f"resources.gpu: a trial needs {spec_gpu:g} GPU(s) but this machine has {have:g} visible to Ray "
-            "(no RAY_ADDRESS, so the sweep would start a local Ray and wait forever); run it on a GPU machine, "
+    hint = ("(no RAY_ADDRESS, so the sweep would start a local Ray and wait forever); run it on a GPU machine, "
             "set RAY_ADDRESS to a cluster (`ray job submit`), or use resources.gpu: 0 with evaluation.backend: hf")
+    have = float(cluster_resources.get("GPU", 0) or 0)
+    if spec_gpu > 0 and have < spec_gpu:
+        raise InputError(f"resources.gpu: a trial needs {spec_gpu:g} GPU(s) but this machine has {have:g} "
+                         f"visible to Ray {hint}")
+    if "CPU" in cluster_resources and spec_cpu > float(cluster_resources["CPU"]):
+        raise InputError(f"resources.cpu: a trial needs {spec_cpu:g} CPU(s) but the local Ray would have "
+                         f"{float(cluster_resources['CPU']):g} (MAST_RAY_NUM_CPUS or the machine's cores); "
+                         "lower resources.cpu or set RAY_ADDRESS to a cluster")
 
 
 def local_gpu_count() -> int:

@@ -121,3 +121,10 @@ def test_paper_spec_samples_r1_style_and_unlearns_on_generated_texts():
     assert spec.unlearning.max_length >= 8192 and spec.selection.max_length >= 8192
     assert spec.evaluation.backend == "vllm" and spec.resources.gpu == 1
     assert spec.evaluation.dtype == "bfloat16" and spec.evaluation.timeout_s > 3600
+
+
+def test_check_local_resources_also_refuses_a_trial_wider_than_the_local_cpus():
+    check_local_gpus(0.0, None, {"GPU": 0, "CPU": 4}, spec_cpu=4)
+    with pytest.raises(InputError, match=r"^resources.cpu: a trial needs 8 CPU\(s\) but the local Ray would have 2"):
+        check_local_gpus(0.0, None, {"GPU": 0, "CPU": 2}, spec_cpu=8)
+    check_local_gpus(0.0, "ray://head:10001", {"CPU": 2}, spec_cpu=8)  # a cluster: its nodes decide
