@@ -1,20 +1,26 @@
 """The evaluator: generation backends, suites, cached per-problem results, prefix-recovery probe.
 
 Two backends share one interface, ``generate(prompts, decoding) -> list[list[str]]`` (for each
-prompt, ``decoding.n`` completions, in request order):
+prompt, ``decoding.n`` completions, in request order), and ``generate_samples(prompt_ids,
+decoding)`` giving each completion as ``{"text", "n_tokens", "truncated", "finish_reason"}``:
 
 - ``hf``: transformers batched generation (CPU or GPU): prompts sorted by token length,
   left padding, greedy (temperature 0) or seeded sampling, stop strings, ``inference_mode``.
 - ``vllm``: ``vllm.LLM`` + ``SamplingParams`` in a *separate* process (``python -m
   mast.vllm_worker IN OUT``), so vLLM's GPU memory is released when the process ends and
-  never shares a process with a training model.
+  never shares a process with a training model; ``generate_groups`` runs several (prompts,
+  decoding) groups in one process and one ``generate()`` call; a timeout kills the worker.
 
-Both receive the same token ids (:func:`encode_prompts`), so their greedy answers agree.
+Both receive the same token ids (:func:`encode_prompts`), so their greedy answers agree, and
+count tokens the same way (generated tokens without the EOS / stop token; ``truncated`` = the
+answer stopped at ``max_tokens``).
 
-:func:`evaluate` formats each problem with :func:`mast.prompts.format_prompt`, generates,
-grades with :func:`mast.grading.grade_records` and caches the per-problem records under
-``cache_root()/eval/<key>.jsonl``, key = hash(model fingerprint, problems + formatted
-prompts, grader, decoding, backend, template). Accuracy = (#correct) / N.
+:func:`evaluate` (one suite) and :func:`evaluate_many` (several suites, one generation call)
+format each problem with :func:`mast.prompts.format_prompt`, generate ``n`` samples, grade every
+sample with :func:`mast.grading.grade_records` and cache the per-problem records
+(:func:`build_records`) under ``cache_root()/eval/<key>.jsonl``, key = hash(model fingerprint,
+problems + formatted prompts, grader, decoding, backend, template). Accuracy = mean over problems
+of the mean correctness over their samples (avg@n; n = 1: #correct / N).
 """
 
 from __future__ import annotations
@@ -357,8 +363,9 @@ class VLLMBackend:
     parameters to a temporary JSON; the worker builds ``vllm.LLM(model=..., seed=...,
     tensor_parallel_size=..., gpu_memory_utilization=...)`` and ``SamplingParams(temperature,
     top_p, max_tokens, n, seed, stop, stop_token_ids)``, runs ``llm.generate`` (outputs come
-    back in request order) and writes texts + generated-token counts. The process exits afterwards,
-    which is what reliably frees vLLM's GPU memory.
+    back in request order) and writes every sample (text, token count, truncated; see
+    :mod:`mast.vllm_worker`). The process exits afterwards, which is what reliably frees vLLM's
+    GPU memory. ``dtype`` and ``enforce_eager`` go to ``LLM()``; ``timeout_s`` bounds the worker.
     """
 
     name = "vllm"
