@@ -60,6 +60,14 @@ class DecodingSpec(Spec):
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _greedy_is_one_sample(self) -> DecodingSpec:
+        # greedy decoding has one answer per prompt; vLLM refuses n > 1 with temperature 0
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(f"n = {self.n} needs sampling (temperature > 0): greedy decoding "
+                             "gives one answer per problem; set n: 1 or a temperature")
+        return self
+
 
 class ProbeSpec(Spec):
     """Prefix-recovery probe: condition on the first p% of the reference solution."""
@@ -276,6 +284,11 @@ class EvaluationSpec(Spec):
     template: TemplateName | None = None
     limits: dict[str, int] = Field(default_factory=dict, description="suite -> first N problems (quick runs)")
     max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + max_tokens)")
+    # vLLM engine options (LLM(dtype=..., enforce_eager=...)); the hf backend ignores them
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    enforce_eager: bool = Field(False, description="vLLM: no CUDA graphs (slower decode, faster start)")
+    # a hung vLLM worker (NCCL, a stuck engine) is killed after this long and the trial fails
+    timeout_s: float | None = Field(10800.0, gt=0.0, description="vLLM worker: kill it after this many seconds")
 
     @field_validator("limits")
     @classmethod
@@ -340,6 +353,17 @@ class SweepSpec(Spec):
                 raise ValueError(f"grid field {key!r} must be a non-empty list")
         return v
 
+    @model_validator(mode="after")
+    def _vllm_needs_whole_gpus(self) -> SweepSpec:
+        # each trial's vLLM engine reserves gpu_memory_utilization of the WHOLE device's memory,
+        # so two trials sharing one GPU cannot both start; the hf backend shares GPUs fine
+        gpu = self.resources.gpu
+        if self.evaluation.backend == "vllm" and 0 < gpu < 1:
+            raise ValueError(f"resources.gpu: {gpu:g} is a fractional GPU, which the vllm backend cannot share "
+                             "(each engine reserves gpu_memory_utilization of the whole GPU); use gpu: 1 "
+                             "or more, or evaluation.backend: hf")
+        return self
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -348,10 +372,11 @@ S = TypeVar("S", bound=BaseModel)
 
 def _format_error(path: os.PathLike | str, err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after")) or "(top level)"
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
     msg = e["msg"].removeprefix("Value error, ")
     extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{path}: {loc}: {msg}{extra}"
+    # a whole-spec check (no location) names its own fields in the message
+    return f"{path}: {loc}: {msg}{extra}" if loc else f"{path}: {msg}{extra}"
 
 
 def validate(model: type[S], data: Any, source: str) -> S:

@@ -418,7 +418,11 @@ def format_table(selection: dict) -> str:
 
 
 def cli_select(args) -> int:
+    from mast.hub import resolve_model
+
     spec = merge_spec(SelectionSpec, getattr(args, "spec", None), args, ("rule", "k", "rho", "seed"))
+    args.reference = resolve_model(args.reference, "--reference")  # a folder or a Hub id
+    args.target = resolve_model(args.target, "--target")
     check_model_dir(args.reference, "--reference")
     check_model_dir(args.target, "--target")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))

@@ -25,7 +25,7 @@ checkpointing. On CPU both are no-ops (float32 throughout).
 Output folder (written atomically; nothing at all when the run fails):
 
 - the full ``save_pretrained`` checkpoint in the target's stored dtype, with its tokenizer;
-- ``delta.safetensors``: the NEW VALUES of the tensors that changed (not new − old: a float
+- ``delta/delta.safetensors`` (a subfolder, so vLLM and transformers never load it as weights): the NEW VALUES of the tensors that changed (not new − old: a float
   difference does not round-trip bit-for-bit). :func:`apply_delta` loads the target and
   overwrites those tensors, which rebuilds the saved weights exactly; ``new − target`` is one
   subtraction away for analysis;
@@ -77,7 +77,9 @@ from mast.objectives import forget_loss, kl, nll, retain_scale_for
 from mast.registry import NEEDS_REFERENCE
 from mast.stopping import decide, is_check_step, stop_summary
 
-DELTA_FILE = "delta.safetensors"
+# in a subfolder: vLLM loads EVERY top-level *.safetensors of a checkpoint without an index, so a
+# delta beside model.safetensors would be read as weights (a sibling file name would clash too)
+DELTA_FILE = "delta/delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 LOSSES_FILE = "losses.jsonl"
 DELTA_FORMAT = "mast-delta-v1/replace"
@@ -451,6 +453,7 @@ def unlearn(
     with atomic_dir(out_dir) as tmp, quiet_loading():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / DELTA_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file(changed, str(tmp / DELTA_FILE),
                   metadata={"format": "pt", "mast_delta": DELTA_FORMAT, "target_fingerprint": target_fp})
         write_jsonl(tmp / LOSSES_FILE, losses)
@@ -524,12 +527,13 @@ def apply_delta(target_dir, delta_path, out_dir=None, check: bool = True):
 
 def cli_unlearn(args) -> int:
     """`mast unlearn`: read the selection and problem files, run :func:`unlearn`, print a summary."""
+    from mast.hub import resolve_model
+
     spec = merge_spec(UnlearnSpec, args.spec, args, ("objective", "steps", "lr", "seed"))
     if spec.stop is not None:
         raise InputError(f"{args.spec}: stop: `mast unlearn` has no stop check (it needs forget-validation "
                          "problems); use it in a sweep, or remove it and set steps")
-    if not Path(args.target).is_dir():
-        raise InputError(f"{args.target}: not a checkpoint folder")
+    args.target = resolve_model(args.target, "--target")  # a folder or a Hub id
     selection = read_json(args.selection)
     selection_names(selection, args.selection)
     forget = read_jsonl(args.forget, PROBLEM_FIELDS)
