@@ -30,11 +30,7 @@ import math
 
 import numpy as np
 
-
-def rank_for(rho: float, shape) -> int:
-    """r = ceil(rho * min(m, n)), at least 1 (same rule as mast.selection.rank_for)."""
-    k = min(int(shape[-2]), int(shape[-1]))
-    return max(1, min(k, math.ceil(rho * k - 1e-9)))
+from mast.signals import rank_for  # noqa: F401  (r = ceil(rho min(m, n)), one definition)
 
 
 def direction_free_fraction(shape, r: int) -> float:
@@ -94,6 +90,13 @@ def energy_signals(W: np.ndarray, D: np.ndarray, rho: float) -> dict:
             "off_principal_raw": 1.0 - f if np.any(D) else 0.0, "concentration": concentration(f, W.shape, r),
             "off_principal_normalized": normalized_off_principal(f, W.shape, r),
             "concentration_z": standardized_concentration(f, W.shape, r)}
+
+
+def normalized_from_raw(raw_energy: float, shape, r: int) -> float:
+    """1 - c from a raw off-principal energy E = 1 - f (what the spectral statistics store); 0 when D = 0."""
+    if raw_energy == 0.0:  # D = 0: did not move (the rules never select it)
+        return 0.0
+    return normalized_off_principal(1.0 - raw_energy, shape, r)
 
 
 def signed_coupling(G: np.ndarray, D: np.ndarray) -> float:
