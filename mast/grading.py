@@ -44,13 +44,22 @@ BENCHMARKS = ("math", "gsm8k")
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- extraction
+#
+# math-verify does the extraction (its LaTeX and expression configs, boxed answers, "final answer
+# is", several answers). In front of it only linear string work that states a project rule:
+# where the answer text ends (a cut-off box, a few-shot continuation), the GSM8K ``####`` line,
+# digit-group separators, and (for a one-answer gold) that only the last box is an answer.
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)")
-_NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
-_ANSWER_IS_RE = re.compile(
-    r"(?:final answer|the answer)\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\.\s|\.?$|\n)", re.IGNORECASE | re.DOTALL
-)
 _GSM_HASH_RE = re.compile(r"####\s*([^\n]*)")
+# a few-shot continuation the model wrote after its answer (lm-eval stops generation there)
+_CONTINUATION_RE = re.compile(r"\n\s*(?:Question|Problem|Q)\s*:")
+# digit groups: "1 000", "1\,000", "1\ 000", "1~000" -> "1000" (math-verify reads "1\,000" as 1*0)
+_DIGIT_GROUPS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,; ]|~| )\d{3})+(?![\d])")
+_GROUP_SEP_RE = re.compile(r"\\[,; ]|~| ")
+_STATEMENT_RE = re.compile(r"(?:final answer|the answer)\s*(?:is|:|=)\s*:?\s*([^\n]{1,200}?)\s*(?:\.\s|\.?$|\n|\. I hope)",
+                           re.IGNORECASE)
+_WORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9]+")
 
 
 def _brace_pairs(text: str) -> dict[int, int]:
@@ -69,86 +78,85 @@ def _brace_pairs(text: str) -> dict[int, int]:
     return pairs
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``) in `text`.
-
-    Linear in len(text), however many boxes are left unclosed."""
-    boxes = list(_BOX_RE.finditer(text))
-    if not boxes:
-        return None
-    pairs = _brace_pairs(text)
-    for m in reversed(boxes):
+def _boxes(text: str) -> list[tuple[int, int | None, str | None]]:
+    """Every ``\\boxed``/``\\fbox``: (start, end or None if it never closes, content or None). Linear."""
+    pairs, out = None, []
+    for m in _BOX_RE.finditer(text):
         i = m.end()
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
+            pairs = _brace_pairs(text) if pairs is None else pairs
             end = pairs.get(i)
-            if end is not None:
-                return text[i + 1 : end - 1].strip()
+            out.append((m.start(), end, text[i + 1 : end - 1].strip() if end else None))
         elif i > m.end() and i < len(text):  # "\\boxed 5": up to the next space or $
             tok = re.match(r"[^\s$]+", text[i:])
-            if tok:
-                return tok.group(0).strip()
+            out.append((m.start(), i + tok.end(), tok.group(0)) if tok else (m.start(), None, None))
+        else:
+            out.append((m.start(), None, None))
+    return out
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``) in `text`. Linear."""
+    for _, end, content in reversed(_boxes(text)):
+        if end is not None:
+            return content
     return None
 
 
-def _strip_math(s: str) -> str:
-    s = s.strip()
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
-            s = s[len(left) : len(s) - len(right)].strip()
-    return s.rstrip(".").strip()
+def answer_text(response: str | None, benchmark: str) -> str | None:
+    """The part of `response` that math-verify extracts the answer from, or None (no answer).
 
-
-def _answer_is(text: str) -> str | None:
-    hits = list(_ANSWER_IS_RE.finditer(text))
-    if not hits:
-        return None
-    boxed = last_boxed(hits[-1].group(1))
-    return boxed if boxed is not None else (_strip_math(hits[-1].group(1)) or None)
-
-
-def _last_number(text: str) -> str | None:
-    hits = _NUMBER_RE.findall(text)
-    return hits[-1].replace(",", "") if hits else None
-
-
-def _gsm8k_number(snippet: str) -> str:
-    """A lone number in `snippet` (``\\$1,080``, ``18 dollars``) without separators; else `snippet`."""
-    clean = re.sub(r"\\text\{[^{}]*\}|\\[,!;: ]|\\?\$|\\%|%", " ", snippet)
-    nums = _NUMBER_RE.findall(clean)
-    if len(nums) == 1 and not re.search(r"\\frac|\\sqrt|/|\^", clean):
-        return nums[0].replace(",", "")
-    return _strip_math(snippet)
-
-
-def extract_answer(response: str | None, benchmark: str) -> str | None:
-    """The final answer in `response`, or None.
-
-    math: last ``\\boxed{}`` (None if the only box never closes: a truncated response), else
-    "the answer is X", else the last number.
-    gsm8k: ``#### X``, else last ``\\boxed{}``, else "the answer is X", else the last number;
-    a lone number is returned without thousands separators, currency or units.
+    Cut at a few-shot continuation ("\\nQuestion:"); a last box that never closes (the response
+    was cut off mid-answer) is dropped, and with no complete box before it there is no answer.
+    GSM8K: the text after the last ``#### `` when there is one. Digit-group separators are
+    removed ("1 000", "1\\,000") and ``\\$`` dropped (a currency sign, not a math delimiter).
+    Linear in len(response): it runs in the caller's process, outside the timeout.
     """
     if benchmark not in BENCHMARKS:
         raise InputError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if not isinstance(response, str) or not response.strip():
         return None
+    text = response
+    cont = _CONTINUATION_RE.search(text)
+    if cont and text[: cont.start()].strip():
+        text = text[: cont.start()]
+    boxes = _boxes(text)
+    if boxes and boxes[-1][1] is None:
+        if not any(end is not None for _, end, _ in boxes):
+            return None
+        text = text[: boxes[-1][0]]
     if benchmark == "gsm8k":
-        hashes = _GSM_HASH_RE.findall(response)
-        snippet = hashes[-1].strip() if hashes and hashes[-1].strip() else None
-        snippet = snippet or last_boxed(response) or _answer_is(response)
-        if snippet:
-            return _gsm8k_number(snippet) or None
-        return _last_number(response)
-    ans = last_boxed(response)
-    if ans is None and _BOX_RE.search(response):
-        return None  # a \boxed{ that never closes: the response was cut off mid-answer
-    if ans is None:
-        ans = _answer_is(response)
-    if ans is None:
-        ans = _last_number(response)
-    return _strip_math(ans) if ans else None
+        hashes = _GSM_HASH_RE.findall(text)
+        if hashes and hashes[-1].strip():
+            text = hashes[-1].strip()
+    text = _DIGIT_GROUPS_RE.sub(lambda m: _GROUP_SEP_RE.sub("", m.group(0)), text.replace("\\$", ""))
+    return text if text.strip() else None
+
+
+def _only_last_box(text: str) -> str:
+    """`text` with every box but the last unwrapped (``\\boxed{3}`` -> ``{3}``): one answer is asked for."""
+    boxes = [b for b in _boxes(text) if b[1] is not None]
+    for start, _, _ in reversed(boxes[:-1]):
+        m = _BOX_RE.match(text, start)
+        text = text[:start] + text[m.end():]
+    return text
+
+
+def _fast_candidate(text: str | None, benchmark: str) -> str | None:
+    """A cheap guess at the answer for the exact-match shortcut: the GSM8K ``####`` line, or a
+    last box with no final-answer statement after it. Only ever used to say *right*."""
+    if text is None:
+        return None
+    if benchmark == "gsm8k":
+        if "\n" in text.strip() or len(text) > 60:
+            return None
+        return text.strip().strip("$").strip().rstrip(".")
+    boxes = [b for b in _boxes(text) if b[1] is not None]
+    if not boxes or _STATEMENT_RE.search(text, boxes[-1][1]):
+        return None
+    return boxes[-1][2]
 
 
 # --------------------------------------------------------------------------- equivalence
@@ -184,7 +192,7 @@ def _parse_gold(gold: str, benchmark: str):
 def _parse_pred(pred: str, benchmark: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
-    if benchmark == "gsm8k" and _NUMBER_RE.fullmatch(pred):
+    if benchmark == "gsm8k" and _PLAIN_NUMBER_RE.fullmatch(pred.replace(",", "")):
         return parse(pred, extraction_config=[ExprExtractionConfig()], parsing_timeout=None)
     return parse(
         "\\boxed{" + pred + "}",
@@ -193,47 +201,86 @@ def _parse_pred(pred: str, benchmark: str):
     )
 
 
+def _several(parsed) -> bool:
+    """Whether a parsed gold holds several answers (a set of more than one element)."""
+    from sympy import FiniteSet
+
+    return bool(parsed) and isinstance(parsed[0], FiniteSet) and len(parsed[0]) > 1
+
+
+def _shown(parsed) -> str | None:
+    """What math-verify extracted, as text: its string form, else the sympy value."""
+    if not parsed:
+        return None
+    text = parsed[-1] if isinstance(parsed[-1], str) else str(parsed[0])
+    return text.strip() or None
+
+
+def extract_and_verify(gold: str, text: str | None, benchmark: str) -> tuple[bool, str | None]:
+    """(correct, extracted): math-verify extracts the answer from `text` (see :func:`answer_text`)
+    and compares it with `gold`. No timeout here: untrusted text goes through :func:`grade_records`.
+
+    Extraction is math-verify's ``parse`` with its LaTeX config (boxed answers at its default
+    priority, so a "final answer is" statement after the last box wins over it; "final answer
+    is X. I hope" first of all) and its expression config (numbers, ``$X``, "The answer is X",
+    rightmost first). A gold with several answers is compared as a set with several boxes; for a
+    one-answer gold only the last box counts. When math-verify finds nothing, the last "final
+    answer is X" / "the answer is X" statement is parsed as the answer (choice letters, words).
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    if text is None or not gold:
+        return False, None
+    _quiet_math_verify()
+    try:
+        g = _parse_gold(gold, benchmark)
+        if not g:
+            return False, None
+        if not _several(g):
+            text = _only_last_box(text)
+        p = parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+        if not p:
+            said = _STATEMENT_RE.findall(text)
+            if said:
+                ans = said[-1]
+                while (inner := _STATEMENT_RE.search(ans + ".")) and inner.group(1) != ans:
+                    ans = inner.group(1)  # "Final Answer: The final answer is X" -> X
+                ans = ans.strip().strip("$").strip()
+                p = _parse_pred("\\text{" + ans + "}" if _WORD_RE.fullmatch(ans) else ans, benchmark)
+        return bool(p and verify(g, p, timeout_seconds=None)), _shown(p)
+    except Exception:  # math-verify/sympy failure on odd input: the answer is not verified
+        return False, None
+
+
 _PLAIN_NUMBER_RE = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
-_PLAIN_INT_RE = re.compile(r"-?\d{1,15}")
 
 
 def _numeric_verdict(gold: str, pred: str) -> bool | None:
-    """Shortcut for plain decimal numbers (commas ignored): True when the values are equal; for two
-    integers of <= 15 digits also False when they differ (math-verify could not say otherwise);
+    """Shortcut for plain decimal numbers (commas ignored): True when the values are equal, else
     None = undecided, ask math-verify."""
     a, b = gold.replace(",", ""), pred.replace(",", "")
     if len(a) > 50 or len(b) > 50 or not (_PLAIN_NUMBER_RE.fullmatch(a) and _PLAIN_NUMBER_RE.fullmatch(b)):
         return None
     from decimal import Decimal
 
-    if Decimal(a) == Decimal(b):
-        return True
-    if _PLAIN_INT_RE.fullmatch(a) and _PLAIN_INT_RE.fullmatch(b):
-        return False
-    return None
+    return True if Decimal(a) == Decimal(b) else None
 
 
 def is_equivalent(gold: str, extracted: str | None, benchmark: str, fast_path: bool = True) -> bool:
-    """math-verify equivalence of an extracted answer with the gold one (no timeout here:
-    untrusted answers go through :func:`grade_records`). With `fast_path`, identical strings and
-    plain numbers are decided without math-verify (see :func:`_numeric_verdict`)."""
+    """math-verify equivalence of an already extracted answer with the gold one (no timeout here).
+    With `fast_path`, identical strings and equal plain numbers are decided without math-verify."""
     if benchmark not in BENCHMARKS:
         raise InputError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if extracted is None or not str(extracted).strip():
         return False
     gold, extracted = str(gold).strip(), str(extracted).strip()
-    if fast_path:
-        if gold == extracted:
-            return True
-        verdict = _numeric_verdict(gold, extracted)
-        if verdict is not None:
-            return verdict
+    if fast_path and (gold == extracted or _numeric_verdict(gold, extracted)):
+        return True
     from math_verify import verify
 
     _quiet_math_verify()
     try:
-        g = _parse_gold(gold, benchmark)
-        p = _parse_pred(extracted, benchmark)
+        g, p = _parse_gold(gold, benchmark), _parse_pred(extracted, benchmark)
         return bool(g and p and verify(g, p, timeout_seconds=None))
     except Exception:  # math-verify/sympy failure on odd input: the answer is not verified
         return False
@@ -243,7 +290,7 @@ def is_equivalent(gold: str, extracted: str | None, benchmark: str, fast_path: b
 
 
 def _worker_main(rfd: int, wfd: int, memory_gb: float) -> None:
-    """Worker loop: receive chunks [(idx, gold, extracted, benchmark)], send (idx, correct) each."""
+    """Worker loop: receive chunks [(idx, gold, text, benchmark)], send (idx, correct, extracted) each."""
     import resource
     import signal
 
@@ -255,7 +302,7 @@ def _worker_main(rfd: int, wfd: int, memory_gb: float) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     inbox, outbox = Connection(rfd, writable=False), Connection(wfd, readable=False)
     _quiet_math_verify()
-    is_equivalent("1", "1.0", "math")  # warm sympy / the LaTeX parser before saying ready
+    extract_and_verify("1", "so \\boxed{1.0}", "math")  # warm sympy / the LaTeX parser before saying ready
     outbox.send(("ready", os.getpid()))
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
     parent = os.getppid()
@@ -269,18 +316,18 @@ def _worker_main(rfd: int, wfd: int, memory_gb: float) -> None:
             return
         if msg is None:
             return
-        timeout_s, fast_path, items = msg
-        for idx, gold, extracted, benchmark in items:
+        timeout_s, items = msg
+        for idx, gold, text, benchmark in items:
             # kernel backstop if the parent is gone: SIGXCPU after this answer's CPU budget
             used = resource.getrusage(resource.RUSAGE_SELF)
             budget = int(used.ru_utime + used.ru_stime + 2 * timeout_s + 2)
             if cpu_hard == resource.RLIM_INFINITY or budget < cpu_hard:
                 resource.setrlimit(resource.RLIMIT_CPU, (budget, cpu_hard))
             try:
-                ok = is_equivalent(gold, extracted, benchmark, fast_path)
+                ok, extracted = extract_and_verify(gold, text, benchmark)
             except MemoryError:
-                ok = False
-            outbox.send((idx, ok))
+                ok, extracted = False, None
+            outbox.send((idx, ok, extracted))
 
 
 # --------------------------------------------------------------------------- parent side
@@ -353,11 +400,11 @@ class _Pool:
         self.workers = []
 
     def run(
-        self, items: list[tuple], timeout_s: float, n_workers: int, chunk_size: int, fast_path: bool = True
-    ) -> tuple[dict[int, bool], set[int]]:
-        """Grade `items` [(idx, gold, extracted, benchmark)] -> ({idx: correct}, {idx that failed});
-        an answer that timed out or crashed its worker is False and listed in the second."""
-        results: dict[int, bool] = {}
+        self, items: list[tuple], timeout_s: float, n_workers: int, chunk_size: int
+    ) -> tuple[dict[int, tuple[bool, str | None]], set[int]]:
+        """Grade `items` [(idx, gold, text, benchmark)] -> ({idx: (correct, extracted)}, {idx that
+        failed}); an answer that timed out or crashed its worker is (False, None), listed in the second."""
+        results: dict[int, tuple[bool, str | None]] = {}
         self.failed: set[int] = set()
         queue = deque(items[i : i + chunk_size] for i in range(0, len(items), chunk_size))
         self._resize(n_workers)
@@ -369,7 +416,7 @@ class _Pool:
                     chunk = queue.popleft()
                     w.items = deque(chunk)
                     w.deadline = now + timeout_s
-                    w.tx.send((timeout_s, fast_path, chunk))
+                    w.tx.send((timeout_s, chunk))
             waiting = [w for w in active if w.busy or not w.ready]
             if not waiting:  # nothing left to dispatch and nothing in flight
                 break
@@ -384,8 +431,8 @@ class _Pool:
                 if msg[0] == "ready":
                     w.ready = True
                     continue
-                idx, ok = msg
-                results[idx] = bool(ok)
+                idx, ok, extracted = msg
+                results[idx] = (bool(ok), extracted)
                 if w.items and w.items[0][0] == idx:
                     w.items.popleft()
                 w.deadline = time.monotonic() + timeout_s
@@ -405,7 +452,7 @@ class _Pool:
         w.kill()
         if w.items:
             idx = w.items.popleft()[0]
-            results[idx] = False
+            results[idx] = (False, None)
             self.failed.add(idx)
             if w.items:
                 queue.appendleft(list(w.items))
@@ -446,18 +493,20 @@ def grade_records(
 ) -> list[dict]:
     """Rows {benchmark, gold, response, ...} -> same rows (copies, order kept) + `extracted`, `correct`.
 
-    No answer -> wrong. With `fast_path`, identical strings and equal plain decimal numbers
-    (``18.00`` = ``18``) are right, and two different plain integers wrong, without math-verify. Everything else is checked by math-verify in worker processes; an answer that
-    takes longer than `timeout_s` seconds is wrong.
+    No answer -> wrong. With `fast_path`, a GSM8K ``####`` line or a last box (with no final-answer
+    statement after it) that is the gold string or its plain-number value is right without
+    math-verify. Everything else is extracted and checked by math-verify in worker processes
+    (:func:`extract_and_verify`); an answer that takes longer than `timeout_s` seconds is wrong.
+    `extracted` is what was compared.
     """
-    if timeout_s is None or timeout_s <= 0:
-        raise InputError(f"timeout must be > 0 seconds, got {timeout_s}")
+    if timeout_s is None or not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise InputError(f"timeout must be a finite number > 0 seconds, got {timeout_s}")
     out: list[dict] = []
     pending: list[tuple] = []
     for i, row in enumerate(rows):
-        rid = row.get("id", i) if isinstance(row, dict) else i
         if not isinstance(row, dict):
             raise InputError(f"row {i}: expected an object, got {type(row).__name__}")
+        rid = row.get("id", i)
         for key in ("benchmark", "gold", "response"):
             if key not in row:
                 raise InputError(f"row {rid}: missing field {key!r}")
@@ -466,16 +515,14 @@ def grade_records(
             raise InputError(f"row {rid}: benchmark: unknown {bench!r}; known: {', '.join(BENCHMARKS)}")
         r = dict(row)
         gold = "" if row["gold"] is None else str(row["gold"]).strip()
-        r["extracted"] = extract_answer(row["response"], bench)
-        if r["extracted"] is None or not gold:
-            r["correct"] = False
-        elif fast_path and r["extracted"] == gold:
-            r["correct"] = True  # identical strings: no need for math-verify
-        elif fast_path and _numeric_verdict(gold, r["extracted"]) is not None:
-            r["correct"] = _numeric_verdict(gold, r["extracted"])  # plain numbers, decided exactly
-        else:
+        text = answer_text(row["response"], bench)
+        guess = _fast_candidate(text, bench) if fast_path and gold else None
+        r["extracted"], r["correct"] = None, False
+        if guess is not None and (guess == gold or _numeric_verdict(gold, guess)):
+            r["extracted"], r["correct"] = guess, True  # the gold itself: no need for math-verify
+        elif text is not None and gold:
             r["correct"] = None
-            pending.append((i, gold, r["extracted"], bench))
+            pending.append((i, gold, text, bench))
         out.append(r)
     if not pending:
         return out
@@ -487,9 +534,9 @@ def grade_records(
     with _POOL_LOCK:
         if _POOL is None or _POOL.pid != os.getpid():
             _POOL = _Pool(memory_gb)
-        results, failed = _POOL.run(pending, float(timeout_s), n_workers, chunk_size, fast_path)
+        results, failed = _POOL.run(pending, float(timeout_s), n_workers, chunk_size)
     for i, *_ in pending:
-        out[i]["correct"] = results.get(i, False)
+        out[i]["correct"], out[i]["extracted"] = results.get(i, (False, None))
     if failed:
         ids = [str(out[i].get("id", i)) for i in sorted(failed)]
         log.warning("grading: %d answer(s) exceeded %.1f s or crashed a worker, counted wrong: %s",
