@@ -38,7 +38,7 @@ from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from mast.files import InputError, read_jsonl, write_jsonl
+from mast.files import InputError, write_jsonl
 
 BENCHMARKS = ("math", "gsm8k")
 log = logging.getLogger(__name__)
@@ -513,6 +513,8 @@ def grade_records(
         bench = row["benchmark"]
         if bench not in BENCHMARKS:
             raise InputError(f"row {rid}: benchmark: unknown {bench!r}; known: {', '.join(BENCHMARKS)}")
+        if row["gold"] is not None and _gold_problem(row["gold"]):
+            raise InputError(f"row {rid}: gold: {_gold_problem(row['gold'])}")
         r = dict(row)
         gold = "" if row["gold"] is None else str(row["gold"]).strip()
         text = answer_text(row["response"], bench)
@@ -548,15 +550,57 @@ def accuracy(rows: list[dict]) -> float:
     return sum(bool(r.get("correct")) for r in rows) / len(rows) if rows else 0.0
 
 
+def _gold_problem(gold) -> str | None:
+    """Why `gold` is no gold answer (a JSON object, list, bool, null, a non-finite number), or None."""
+    if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
+        return f"expected a string or a number, got {'null' if gold is None else type(gold).__name__}"
+    if isinstance(gold, float) and not math.isfinite(gold):
+        return f"expected a finite number, got {gold}"
+    return None
+
+
+def _utf8_lines(path: Path) -> list[str]:
+    """The lines of `path` as UTF-8 text; InputError naming the file and line if it is not."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+
+
 def cli_grade(args) -> int:
-    """`mast grade IN.jsonl [--out OUT.jsonl]`: rows + extracted, correct; accuracy on stderr."""
+    """`mast grade IN.jsonl [--out OUT.jsonl]`: rows + extracted, correct; accuracy on stderr.
+
+    Every input is checked before any grading or writing: the options, then every row."""
     import json
 
+    timeout = getattr(args, "timeout", 5.0)
+    if timeout is None or not math.isfinite(timeout) or timeout <= 0:
+        raise InputError(f"--timeout: must be > 0 seconds and finite, got {timeout}")
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers <= 0:
+        raise InputError(f"--workers: must be > 0, got {workers}")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise InputError(f"--out {out}: is a directory, expected a file path")
+        parent = next((q for q in out.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise InputError(f"--out {out}: {parent} is not a directory")
     path = Path(args.input)
-    rows = read_jsonl(path)
-    with path.open(encoding="utf-8") as f:  # line numbers of non-blank rows, for error messages
-        lines = [n for n, line in enumerate(f, 1) if line.strip()]
-    for row, lineno in zip(rows, lines):
+    rows = []
+    for lineno, line in enumerate(_utf8_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         for key in ("id", "benchmark", "gold", "response"):
             if key not in row:
                 raise InputError(f"{path}:{lineno}: missing field {key!r}")
@@ -564,14 +608,14 @@ def cli_grade(args) -> int:
             raise InputError(
                 f"{path}:{lineno}: benchmark: unknown {row['benchmark']!r}; known: {', '.join(BENCHMARKS)}"
             )
+        why = _gold_problem(row["gold"])
+        if why:
+            raise InputError(f"{path}:{lineno}: gold: {why}")
         if row["response"] is not None and not isinstance(row["response"], str):
             raise InputError(f"{path}:{lineno}: response: expected a string, got {type(row['response']).__name__}")
-    timeout = getattr(args, "timeout", 5.0)
-    if timeout is None or timeout <= 0:
-        raise InputError(f"--timeout: must be > 0 seconds, got {timeout}")
-    workers = getattr(args, "workers", None)
-    if workers is not None and workers <= 0:
-        raise InputError(f"--workers: must be > 0, got {workers}")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no rows to grade")
     graded = grade_records(rows, timeout_s=timeout, workers=workers)
     if args.out:
         write_jsonl(args.out, graded)

@@ -276,3 +276,52 @@ def test_grading_inside_a_ray_worker():
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+GOOD = {"id": "a", "benchmark": "math", "gold": "1", "response": "\\boxed{1}"}
+
+
+def _write(path, rows):
+    path.write_bytes(b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows))
+    return str(path)
+
+
+# name -> (rows of IN.jsonl, extra flags, text the one error line must contain)
+GRADE_BAD = {
+    "timeout_nan": ([GOOD], ["--timeout", "nan"], "--timeout: must be > 0 seconds and finite, got nan"),
+    "timeout_inf": ([GOOD], ["--timeout", "inf"], "--timeout: must be > 0 seconds and finite, got inf"),
+    "empty_file": ([], [], "in.jsonl: no rows to grade"),
+    "blank_lines_only": ([b"\n  \n"], [], "in.jsonl: no rows to grade"),
+    "gold_object": ([GOOD, {**GOOD, "id": "b", "gold": {"value": 1}}], [], "in.jsonl:2: gold: expected a string or a number, got dict"),
+    "gold_list": ([{**GOOD, "gold": [1, 2]}], [], "in.jsonl:1: gold: expected a string or a number, got list"),
+    "gold_null": ([{**GOOD, "gold": None}], [], "in.jsonl:1: gold: expected a string or a number, got null"),
+    "gold_nan": ([b'{"id": "a", "benchmark": "math", "gold": NaN, "response": "1"}\n'], [], "in.jsonl:1: gold: expected a finite number"),
+    "not_utf8": ([GOOD, b'{"id": "b", "benchmark": "math", "gold": "1", "response": "\xff\xfe"}\n'], [],
+                 "in.jsonl:2: not UTF-8 text (byte 0xff)"),
+    "out_is_a_directory": ([GOOD], ["--out", "{tmp}"], "is a directory"),
+    "out_under_a_file": ([GOOD], ["--out", "{tmp}/in.jsonl/out.jsonl"], "in.jsonl is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRADE_BAD))
+def test_grade_refuses_bad_input_before_any_work(case, tmp_path, capsys):
+    """`mast grade` on bad input: exit 2, one stderr line naming the file/line/field, nothing written."""
+    from mast.cli import main
+
+    rows, flags, expected = GRADE_BAD[case]
+    src = _write(tmp_path / "in.jsonl", rows)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(["grade", src, *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert expected in err[0], err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_grade_records_refuses_a_gold_that_is_no_answer():
+    from mast.files import InputError
+
+    with pytest.raises(InputError, match="row x: gold: expected a string or a number, got dict"):
+        grade_records([{"id": "x", "benchmark": "math", "gold": {"a": 1}, "response": "1"}])
+    with pytest.raises(InputError, match="finite"):
+        grade_records([GOOD], timeout_s=float("nan"))
