@@ -1,4 +1,11 @@
-"""Grading throughput on the MATH-500 + GSM8K gold set (1,819 reference solutions vs gold answers).
+"""Grading agreement and speed: `mast grade`'s path vs plain math-verify, measured in the same run.
+
+1. Case file (``tests/data/grading_cases``: gold/response pairs with verdicts from Math-Verify's,
+   Qwen2.5-Math's and lm-evaluation-harness's test data, split by source into a dev and a frozen
+   part): agreement with the verdicts per file and part, wall time and answers/s of each grader,
+   with the ratio, and every disagreement of `mast grade` (``--show``).
+2. Gold set (MATH-500 + GSM8K reference solutions vs their own gold, 1,819 answers, and the same
+   responses against another problem's gold): throughput.
 
 Baseline, measured in the same run: plain single-process math-verify, the way its README
 uses it, ``verify(parse(gold), parse(response))`` on the main thread with its own SIGALRM
@@ -7,7 +14,8 @@ timeout of 5 s enforced by the parent): cold (worker start-up included), warm (w
 from the previous call), and warm with ``fast_path=False`` (every answer through math-verify,
 no exact-string shortcut).
 
-    .venv/bin/python benchmarks/grading.py [--data-dir ../shared/data] [--workers N] [--limit N]
+    .venv/bin/python benchmarks/grading.py [--cases DIR] [--data-dir ../shared/data] [--workers N] [--limit N]
+        [--sets cases,gold] [--show]
 """
 
 from __future__ import annotations
@@ -52,6 +60,55 @@ def plain_math_verify(rows: list[dict]) -> list[bool]:
     return out
 
 
+def load_cases(folder: Path) -> dict[str, list[dict]]:
+    """{file stem: rows} of the case files (``dev_*`` / ``frozen_*``)."""
+    return {f.stem: [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            for f in sorted(folder.glob("*.jsonl"))}
+
+
+def case_agreement(cases: dict[str, list[dict]], workers: int, show: bool, repeat: int = 3) -> None:
+    """Agreement of plain math-verify and of grade_records with the case verdicts, per file and
+    part, and the speed of each on the whole case file (same run, same machine)."""
+    from mast.grading import grade_records, shutdown_pool
+
+    rows = [r for part in cases.values() for r in part]
+    n = len(rows)
+    print(f"case file: {n} gold/response pairs in {len(cases)} files; load average {os.getloadavg()[0]:.1f}")
+    runs: dict[str, list] = {"plain": [], "cold": [], "warm": []}
+    for _ in range(repeat):  # interleaved, best of `repeat`: other jobs on the machine add noise
+        runs["plain"].append(timed(plain_math_verify, rows))
+        shutdown_pool()
+        runs["cold"].append(timed(grade_records, rows, timeout_s=5.0, workers=workers))
+        runs["warm"].append(timed(grade_records, rows, timeout_s=5.0, workers=workers))
+    (base, t_base, c_base), (cold, t_cold, c_cold), (warm, t_warm, c_warm) = (
+        min(runs[k], key=lambda x: x[1]) for k in ("plain", "cold", "warm"))
+    i = 0
+    totals: dict[str, list[int]] = {}
+    print(f"  {'file':<28} {'part':<7} {'n':>4}  {'plain math-verify':>18}  {'mast grade':>18}")
+    for name, part in cases.items():
+        k = len(part)
+        b = sum(base[j] == rows[j]["correct"] for j in range(i, i + k))
+        m = sum(warm[j]["correct"] == rows[j]["correct"] for j in range(i, i + k))
+        kind = name.split("_")[0]
+        t = totals.setdefault(kind, [0, 0, 0])
+        t[0], t[1], t[2] = t[0] + k, t[1] + b, t[2] + m
+        print(f"  {name:<28} {kind:<7} {k:>4}  {b:>5}/{k:<4} {100 * b / k:5.1f} %  {m:>5}/{k:<4} {100 * m / k:5.1f} %")
+        i += k
+    for kind, (k, b, m) in totals.items():
+        print(f"  {'all ' + kind:<28} {kind:<7} {k:>4}  {b:>5}/{k:<4} {100 * b / k:5.1f} %  {m:>5}/{k:<4} {100 * m / k:5.1f} %")
+    assert [r["correct"] for r in cold] == [r["correct"] for r in warm]
+    print(f"  speed (best of {repeat}; load average now {os.getloadavg()[0]:.1f}): plain math-verify {t_base:.2f} s ({n / t_base:.0f}/s, {c_base:.2f} CPU-s); "
+          f"grade_records cold {t_cold:.2f} s (x{t_base / t_cold:.2f} vs plain), "
+          f"warm {t_warm:.2f} s ({n / t_warm:.0f}/s, x{t_base / t_warm:.2f} vs plain, {c_warm:.2f} CPU-s)")
+    for j, r in enumerate(rows):
+        if show and warm[j]["correct"] != r["correct"]:
+            print(f"  mast disagrees: {r['id']} verdict {r['correct']} gold {r['gold'][:40]!r} "
+                  f"extracted {str(warm[j]['extracted'])[:40]!r} response ...{r['response'][-80:]!r}")
+        if show and base[j] != r["correct"]:
+            print(f"  plain disagrees: {r['id']} verdict {r['correct']} gold {r['gold'][:40]!r} "
+                  f"response ...{r['response'][-80:]!r}")
+
+
 def mismatched(rows: list[dict]) -> list[dict]:
     """Each response paired with the next problem's gold (same benchmark): nearly all wrong, so no
     shortcut applies and every answer goes through math-verify (the costly case in real grading)."""
@@ -88,16 +145,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=str(ROOT / ".." / "shared" / "data"))
     ap.add_argument("--workers", type=int, default=None, help="grading workers (default: usable cores, <= 8)")
+    ap.add_argument("--cases", default=str(ROOT / "tests" / "data" / "grading_cases"))
+    ap.add_argument("--sets", default="cases,gold", help="comma list of: cases, gold")
+    ap.add_argument("--show", action="store_true", help="list every disagreement on the case file")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per grader on the case file (best kept)")
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     from mast.grading import default_workers, grade_records, shutdown_pool
 
+    sets = set(args.sets.split(","))
+    workers = args.workers or default_workers()
+    if "cases" in sets:
+        case_agreement(load_cases(Path(args.cases)), workers, args.show, args.repeat)
+    if "gold" not in sets:
+        shutdown_pool()
+        return
     gold = gold_rows(Path(args.data_dir).resolve())[: args.limit]
     wrong = mismatched(gold)
     n = len(gold)
-    workers = args.workers or default_workers()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -173,6 +173,11 @@ def _quiet_math_verify() -> None:
     logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)
 
 
+# One LaTeX and one expression config everywhere (gold and response): math-verify caches the
+# compiled extraction regexes of a single config (lru_cache(maxsize=1)); alternating two configs
+# recompiles them on every call. A lone "\\boxed{gold}" is extracted the same at any box priority.
+
+
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str, benchmark: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
@@ -184,7 +189,7 @@ def _parse_gold(gold: str, benchmark: str):
             return parsed
     return parse(
         "\\boxed{" + gold + "}",
-        extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+        extraction_config=[LatexExtractionConfig()],
         parsing_timeout=None,
     )
 
@@ -196,7 +201,7 @@ def _parse_pred(pred: str, benchmark: str):
         return parse(pred, extraction_config=[ExprExtractionConfig()], parsing_timeout=None)
     return parse(
         "\\boxed{" + pred + "}",
-        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
         parsing_timeout=None,
     )
 

@@ -325,3 +325,33 @@ def test_grade_records_refuses_a_gold_that_is_no_answer():
         grade_records([{"id": "x", "benchmark": "math", "gold": {"a": 1}, "response": "1"}])
     with pytest.raises(InputError, match="finite"):
         grade_records([GOOD], timeout_s=float("nan"))
+
+
+def _case_files():
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "grading_cases"
+    return {f.stem: [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            for f in sorted(folder.glob("*.jsonl"))}
+
+
+def test_case_files_are_split_by_source_with_licences():
+    files = _case_files()
+    assert {name.split("_")[0] for name in files} == {"dev", "frozen"}
+    sources = {}
+    for name, rows in files.items():
+        assert rows and all({"id", "benchmark", "gold", "response", "correct", "source", "licence"} <= set(r) for r in rows)
+        sources[name] = {r["source"].split("@")[0] for r in rows}
+    dev = set().union(*(s for n, s in sources.items() if n.startswith("dev")))
+    frozen = set().union(*(s for n, s in sources.items() if n.startswith("frozen")))
+    assert not dev & frozen  # no source on both sides
+    assert sum(len(r) for r in files.values()) >= 300
+
+
+@pytest.mark.parametrize("part", ["dev", "frozen"])
+def test_agreement_with_other_projects_verdicts(part):
+    """>= 99 % agreement with the verdicts of Math-Verify's, Qwen2.5-Math's and lm-eval's test data."""
+    rows = [r for name, rs in _case_files().items() if name.startswith(part) for r in rs]
+    out = grade_records(rows, timeout_s=5.0)
+    wrong = [(r["id"], r["gold"][:30], r["extracted"]) for r, o in zip(rows, out) if o["correct"] != r["correct"]]
+    assert len(wrong) <= 0.01 * len(rows), wrong
