@@ -24,6 +24,8 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,22 +68,45 @@ def load_cases(folder: Path) -> dict[str, list[dict]]:
             for f in sorted(folder.glob("*.jsonl"))}
 
 
+def _fresh_process_seconds(argv: list[str]) -> tuple[float, float]:
+    """(wall, CPU seconds of it and its processes) of a command in a fresh interpreter."""
+    import resource
+
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+
+
 def case_agreement(cases: dict[str, list[dict]], workers: int, show: bool, repeat: int = 3) -> None:
     """Agreement of plain math-verify and of grade_records with the case verdicts, per file and
-    part, and the speed of each on the whole case file (same run, same machine)."""
-    from mast.grading import grade_records, shutdown_pool
+    part, and the speed of each on the whole case file (same run, same machine), two ways:
+    fresh (a new interpreter each: ``mast grade IN --out OUT`` vs a script calling plain
+    math-verify) and warm (a second call in this process: grade_records with its workers kept vs
+    plain math-verify with its caches filled). Runs interleaved, best of `repeat`."""
+    import tempfile
+
+    from mast.grading import grade_records
 
     rows = [r for part in cases.values() for r in part]
     n = len(rows)
     print(f"case file: {n} gold/response pairs in {len(cases)} files; load average {os.getloadavg()[0]:.1f}")
-    runs: dict[str, list] = {"plain": [], "cold": [], "warm": []}
+    tmp = Path(tempfile.mkdtemp(prefix="mastgrade"))
+    src = tmp / "cases.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    plain_cmd = [sys.executable, "-c", "import json, sys; from benchmarks.grading import plain_math_verify; "
+                 f"plain_math_verify([json.loads(x) for x in open({str(src)!r})])"]
+    cli_cmd = [sys.executable, "-m", "mast.cli", "grade", str(src), "--out", str(tmp / "out.jsonl")]
+    runs: dict[str, list] = {"plain": [], "warm": [], "plain fresh": [], "cli fresh": []}
     for _ in range(repeat):  # interleaved, best of `repeat`: other jobs on the machine add noise
+        runs["plain fresh"].append(_fresh_process_seconds(plain_cmd))
+        runs["cli fresh"].append(_fresh_process_seconds(cli_cmd))
         runs["plain"].append(timed(plain_math_verify, rows))
-        shutdown_pool()
-        runs["cold"].append(timed(grade_records, rows, timeout_s=5.0, workers=workers))
         runs["warm"].append(timed(grade_records, rows, timeout_s=5.0, workers=workers))
-    (base, t_base, c_base), (cold, t_cold, c_cold), (warm, t_warm, c_warm) = (
-        min(runs[k], key=lambda x: x[1]) for k in ("plain", "cold", "warm"))
+    (base, t_base, c_base), (warm, t_warm, c_warm) = (min(runs[k], key=lambda x: x[1]) for k in ("plain", "warm"))
+    (t_pf, c_pf), (t_cf, c_cf) = min(runs["plain fresh"]), min(runs["cli fresh"])
+    shutil.rmtree(tmp, ignore_errors=True)
     i = 0
     totals: dict[str, list[int]] = {}
     print(f"  {'file':<28} {'part':<7} {'n':>4}  {'plain math-verify':>18}  {'mast grade':>18}")
@@ -96,10 +121,12 @@ def case_agreement(cases: dict[str, list[dict]], workers: int, show: bool, repea
         i += k
     for kind, (k, b, m) in totals.items():
         print(f"  {'all ' + kind:<28} {kind:<7} {k:>4}  {b:>5}/{k:<4} {100 * b / k:5.1f} %  {m:>5}/{k:<4} {100 * m / k:5.1f} %")
-    assert [r["correct"] for r in cold] == [r["correct"] for r in warm]
-    print(f"  speed (best of {repeat}; load average now {os.getloadavg()[0]:.1f}): plain math-verify {t_base:.2f} s ({n / t_base:.0f}/s, {c_base:.2f} CPU-s); "
-          f"grade_records cold {t_cold:.2f} s (x{t_base / t_cold:.2f} vs plain), "
-          f"warm {t_warm:.2f} s ({n / t_warm:.0f}/s, x{t_base / t_warm:.2f} vs plain, {c_warm:.2f} CPU-s)")
+    print(f"  speed, best of {repeat}, load average now {os.getloadavg()[0]:.1f}:")
+    print(f"    fresh process: plain math-verify {t_pf:.2f} s ({n / t_pf:.0f}/s, {c_pf:.2f} CPU-s); `mast grade` "
+          f"{t_cf:.2f} s ({n / t_cf:.0f}/s, {c_cf:.2f} CPU-s) = x{t_pf / t_cf:.2f} plain's speed")
+    print(f"    warm, in this process: plain math-verify {t_base:.2f} s ({n / t_base:.0f}/s, {c_base:.2f} CPU-s); "
+          f"grade_records {t_warm:.2f} s ({n / t_warm:.0f}/s, {c_warm:.2f} CPU-s with its workers) = "
+          f"x{t_base / t_warm:.2f} plain's speed")
     for j, r in enumerate(rows):
         if show and warm[j]["correct"] != r["correct"]:
             print(f"  mast disagrees: {r['id']} verdict {r['correct']} gold {r['gold'][:40]!r} "
@@ -120,13 +147,15 @@ def mismatched(rows: list[dict]) -> list[dict]:
 
 
 def _workers_cpu() -> float:
-    """CPU seconds used so far by this process's live grading workers (Linux /proc), else 0."""
+    """CPU seconds used so far by this process's live grading workers and their template (Linux /proc)."""
     from mast import grading
 
     total = 0.0
-    for w in grading._POOL.workers if grading._POOL else []:
+    pool = grading._POOL
+    pids = [w.pid for w in pool.workers] + ([pool.template.proc.pid] if pool.template else []) if pool else []
+    for pid in pids:
         try:
-            fields = Path(f"/proc/{w.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
             pass

@@ -1,9 +1,12 @@
 """Answer extraction and equivalence grading, with a hard per-answer timeout.
 
-`extract_answer` pulls the final answer out of a response (last ``\\boxed{}``/``\\fbox{}`` with
-brace matching; GSM8K ``####``, "the answer is", last number). `is_equivalent` asks
-math-verify whether it equals the gold answer (gold parsed as LaTeX for MATH, as a number for
-GSM8K). `grade_records` does both for a batch of rows in worker processes.
+math-verify does the extraction and the comparison (:func:`extract_and_verify`): its LaTeX and
+expression configs, boxed answers at its default priority (a "final answer is" statement after the
+last box wins), several answers compared as a set. In front of it only linear string rules run in
+the caller's process (:func:`answer_text`): a box cut off mid-answer, a few-shot continuation,
+the GSM8K ``####`` line, digit-group separators; and for a one-answer gold only the last box is
+kept. A shortcut says *right* without math-verify when the ``####`` line or the last box is the
+gold itself. `grade_records` grades a batch of rows in worker processes.
 
 Why worker processes: math-verify's own timeouts use ``signal.alarm``, which only works on the
 main thread of the main interpreter; inside a Ray worker or a thread they fail, and a
@@ -14,12 +17,14 @@ enforces the timeout: each worker reports after every answer, an answer that tak
 replaced. Answers go to workers in chunks (throughput); after a kill the rest of the chunk is
 re-queued, so one stuck answer costs ``timeout_s`` and nothing else.
 
-Workers are fresh interpreters (``python -c ...``, the 'spawn' model: no fork of a threaded or
-Ray process, no re-import of the caller's ``__main__``) talking over two private pipes, so
-grading works from the main thread, any thread, and Ray workers. They are kept for reuse
-between calls (one pool per process, calls serialised by a lock) and closed at exit. A worker
-also caps its own CPU time per answer (RLIMIT_CPU, a kernel kill if the parent vanished) and
-its address space (RLIMIT_AS, ``MAST_GRADER_MEMORY_GB``, default 4).
+Workers are forked by a fork server of our own (:func:`_template_main`): a fresh interpreter
+(``python -c ...``: no fork of a threaded or Ray caller, no re-import of the caller's ``__main__``)
+that imports sympy and math-verify and warms up once; its forks start warm in milliseconds, a
+replacement after a timeout too. Each worker talks to the parent over two private pipes, so
+grading works from the main thread, any thread, and Ray workers. The pool is kept for reuse
+between calls (one per process, calls serialised by a lock) and closed at exit; when the parent
+dies the fork server kills its workers. A worker also caps its own CPU time per answer
+(RLIMIT_CPU) and its address space (RLIMIT_AS, ``MAST_GRADER_MEMORY_GB``, default 4).
 """
 
 from __future__ import annotations
@@ -294,7 +299,83 @@ def is_equivalent(gold: str, extracted: str | None, benchmark: str, fast_path: b
 # --------------------------------------------------------------------------- worker side
 
 
-def _worker_main(rfd: int, wfd: int, memory_gb: float) -> None:
+# LaTeX forms common in answers: parsed once by the template so that every worker forked from it
+# starts with math-verify's regexes compiled and the LaTeX parser's prediction cache (antlr's
+# DFA, built per process as new input shapes are seen) already holding them.
+_WARM_UP = [
+    ("1", "so \\boxed{1.0}"), ("\\frac{1}{2}", "$\\dfrac{1}{2}$"), ("2\\sqrt{3}", "\\boxed{\\sqrt{12}}"),
+    ("[1,2)", "\\boxed{[1, 2)}"), ("(3,-1)", "\\boxed{(3, -1)}"), ("\\{1,2\\}", "\\boxed{\\{1, 2\\}}"),
+    ("30^\\circ", "\\boxed{30^{\\circ}}"), ("10\\%", "\\boxed{10\\%}"), ("x^2+2x+1", "\\boxed{(x+1)^2}"),
+    ("y = 2x + 3", "\\boxed{y=3+2x}"), ("x \\geq 5", "\\boxed{x \\ge 5}"), ("\\text{(C)}", "\\boxed{C}"),
+    ("2\\pi", "\\boxed{\\pi \\cdot 2}"), ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}"),
+    ("-\\frac{3}{4}", "The answer is $-0.75$."), ("18", "She makes $18 every day. The answer is 18."),
+    ("(2,2),(6,2)", "\\boxed{(2,2)} and \\boxed{(6,2)}"), ("\\infty", "\\boxed{\\infty}"),
+    ("3^{10}", "\\boxed{59049}"), ("\\log_2 8", "\\boxed{3}"), ("\\sin x", "\\boxed{\\sin(x)}"),
+]
+
+
+def _warm_up() -> None:
+    for gold, response in _WARM_UP:
+        extract_and_verify(gold, response, "math")
+
+
+def _template_main(sock_fd: int, memory_gb: float) -> None:
+    """Fork server: warm up once, then fork a grading worker for each pair of pipe ends received.
+
+    A fresh interpreter of our own (single-threaded, so forking it is safe), started by the
+    parent; its forked children start warm in milliseconds, also when one replaces a worker
+    killed for a timeout. It exits when the parent closes the socket (or dies)."""
+    import signal
+    import socket
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=sock_fd)
+    _quiet_math_verify()
+    _warm_up()
+    sock.sendall(b"R")
+    children: set[int] = set()
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 16, 2)
+        except OSError:
+            msg, fds = b"", []
+        if not msg or len(fds) != 2:
+            break
+        children -= _reap(block=False)  # workers killed since the last fork (a zombie's pid is never reused)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                sock.close()
+                _worker_main(fds[0], fds[1], memory_gb, warm=True)
+            finally:
+                os._exit(0)
+        children.add(pid)
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(pid.to_bytes(8, "little"))
+    # the parent closed the socket or is gone: nobody is left to report to
+    for pid in children - _reap(block=False):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    _reap(block=True)
+
+
+def _reap(block: bool) -> set[int]:
+    """Collect exited workers (their CPU time then counts as the template's children's); their pids."""
+    done = set()
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return done
+        if pid == 0:
+            return done
+        done.add(pid)
+
+
+def _worker_main(rfd: int, wfd: int, memory_gb: float, warm: bool = False) -> None:
     """Worker loop: receive chunks [(idx, gold, text, benchmark)], send (idx, correct, extracted) each."""
     import resource
     import signal
@@ -307,7 +388,8 @@ def _worker_main(rfd: int, wfd: int, memory_gb: float) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     inbox, outbox = Connection(rfd, writable=False), Connection(wfd, readable=False)
     _quiet_math_verify()
-    extract_and_verify("1", "so \\boxed{1.0}", "math")  # warm sympy / the LaTeX parser before saying ready
+    if not warm:
+        _warm_up()  # sympy, math-verify's regexes, the LaTeX parser, before saying ready
     outbox.send(("ready", os.getpid()))
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
     parent = os.getppid()
@@ -338,24 +420,77 @@ def _worker_main(rfd: int, wfd: int, memory_gb: float) -> None:
 # --------------------------------------------------------------------------- parent side
 
 
-class _Worker:
-    STARTUP_S = 120.0
+class _Template:
+    """The fork server of one pool (see :func:`_template_main`)."""
 
     def __init__(self, memory_gb: float):
-        r_in, w_in = os.pipe()  # parent -> worker
-        r_out, w_out = os.pipe()  # worker -> parent
+        import socket
+
+        ours, theirs = socket.socketpair()
         src = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        code = f"from mast.grading import _worker_main; _worker_main({r_in}, {w_out}, {memory_gb!r})"
+        code = f"from mast.grading import _template_main; _template_main({theirs.fileno()}, {memory_gb!r})"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], pass_fds=(r_in, w_out), env=env,
+            [sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
         )
-        os.close(r_in)
-        os.close(w_out)
+        theirs.close()
+        self.sock = ours
+        self.sock.settimeout(_Worker.STARTUP_S)
+        try:
+            ready = self.sock.recv(1)
+        except OSError:
+            ready = b""
+        if ready != b"R":
+            self.close()
+            raise RuntimeError(f"grading worker template did not start within {_Worker.STARTUP_S:.0f} s "
+                               "(see stderr)")
+        self.sock.settimeout(30.0)
+
+    def fork(self, rfd: int, wfd: int) -> int:
+        """A new worker reading `rfd` and writing `wfd` (the worker's ends); its pid."""
+        import socket
+
+        socket.send_fds(self.sock, [b"F"], [rfd, wfd])
+        pid = b""
+        while len(pid) < 8:
+            part = self.sock.recv(8 - len(pid))
+            if not part:
+                raise OSError("grading worker template exited")
+            pid += part
+        return int.from_bytes(pid, "little")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+            self.proc.wait(timeout=2)
+        except Exception:
+            pass
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        except Exception:
+            pass
+
+
+class _Worker:
+    STARTUP_S = 120.0
+
+    def __init__(self, template: _Template):
+        r_in, w_in = os.pipe()  # parent -> worker
+        r_out, w_out = os.pipe()  # worker -> parent
+        try:
+            self.pid = template.fork(r_in, w_out)
+        finally:
+            os.close(r_in)
+            os.close(w_out)
         self.tx = Connection(w_in, readable=False)
         self.rx = Connection(r_out, writable=False)
+        self.alive = True
         self.ready = False
         self.items: deque = deque()
         self.deadline = time.monotonic() + self.STARTUP_S
@@ -365,11 +500,15 @@ class _Worker:
         return bool(self.items)
 
     def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        except Exception:
-            pass
+        """SIGKILL (works inside C code) unless it already exited, then drop the pipes."""
+        import signal
+
+        if self.alive:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.alive = False
         for c in (self.tx, self.rx):
             try:
                 c.close()
@@ -379,7 +518,6 @@ class _Worker:
     def close(self) -> None:
         try:
             self.tx.send(None)
-            self.proc.wait(timeout=2)
         except Exception:
             pass
         self.kill()
@@ -391,18 +529,38 @@ class _Pool:
     def __init__(self, memory_gb: float):
         self.pid = os.getpid()
         self.memory_gb = memory_gb
+        self.template: _Template | None = None
         self.workers: list[_Worker] = []
         self.failed: set[int] = set()
 
+    def _new_worker(self) -> _Worker:
+        """A worker forked from the template; the template is (re)started when it is not running."""
+        for attempt in (0, 1):
+            if self.template is None or not self.template.alive():
+                if self.template is not None:
+                    self.template.close()
+                self.template = _Template(self.memory_gb)
+            try:
+                return _Worker(self.template)
+            except OSError:
+                if attempt:
+                    raise
+                self.template.close()
+                self.template = None
+        raise AssertionError("unreachable")
+
     def _resize(self, n: int) -> None:
-        self.workers = [w for w in self.workers if w.proc.poll() is None] or []
+        self.workers = [w for w in self.workers if w.alive]
         while len(self.workers) < n:
-            self.workers.append(_Worker(self.memory_gb))
+            self.workers.append(self._new_worker())
 
     def close(self) -> None:
         for w in self.workers:
             w.close()
         self.workers = []
+        if self.template is not None:
+            self.template.close()
+            self.template = None
 
     def run(
         self, items: list[tuple], timeout_s: float, n_workers: int, chunk_size: int
@@ -431,6 +589,7 @@ class _Pool:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):  # worker died (crash, memory cap, CPU cap)
+                    w.alive = False
                     self._replace(w, active, queue, results, why="died")
                     continue
                 if msg[0] == "ready":
@@ -461,7 +620,7 @@ class _Pool:
             self.failed.add(idx)
             if w.items:
                 queue.appendleft(list(w.items))
-        new = _Worker(self.memory_gb)
+        new = self._new_worker()
         self.workers[self.workers.index(w)] = new
         active[active.index(w)] = new
 

@@ -355,3 +355,43 @@ def test_agreement_with_other_projects_verdicts(part):
     out = grade_records(rows, timeout_s=5.0)
     wrong = [(r["id"], r["gold"][:30], r["extracted"]) for r, o in zip(rows, out) if o["correct"] != r["correct"]]
     assert len(wrong) <= 0.01 * len(rows), wrong
+
+
+def _descendants(pid: int) -> set[int]:
+    """pids of the live processes below `pid` (Linux /proc)."""
+    from pathlib import Path
+
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent[int(stat.parent.name)] = int(fields[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def test_grading_processes_go_when_their_parent_is_killed():
+    """The fork server and its workers (one stuck in sympy) leave when the grading process dies."""
+    code = ("from mast.grading import grade_records; "
+            f"grade_records([{{'benchmark': 'math', 'gold': '2', 'response': '\\\\boxed{{{TOWER}}}'}}], timeout_s=120)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while len(_descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kids = _descendants(proc.pid)
+        assert len(kids) >= 2, "no template and worker started"
+        time.sleep(1.0)  # the worker is inside the tower now
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while kids & _descendants(1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not kids & _descendants(1)
