@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mast.files import InputError
 from mast.registry import (
@@ -51,6 +59,14 @@ class DecodingSpec(Spec):
     n: int = Field(1, gt=0)
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _greedy_is_one_sample(self) -> DecodingSpec:
+        # greedy decoding has one answer per prompt; vLLM refuses n > 1 with temperature 0
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(f"n = {self.n} needs sampling (temperature > 0): greedy decoding "
+                             "gives one answer per problem; set n: 1 or a temperature")
+        return self
 
 
 class ProbeSpec(Spec):
@@ -131,6 +147,41 @@ class SelectionSpec(Spec):
         return v
 
 
+STOP_METRICS = ("forget_val_accuracy", "forget_nll_rise")
+
+
+class StopSpec(Spec):
+    """Matched forgetting: end unlearning at the first check where the forget criterion reaches `target`.
+
+    Checked every `every` optimiser steps (and at `max_steps`, the cap that replaces
+    `unlearning.steps`); the value before the first step is the baseline.
+
+    - `forget_val_accuracy`: greedy accuracy on the forget-VALIDATION problems; stop when it is
+      at or below `target` (absolute, in [0, 1]) or `target` x baseline (`relative`).
+    - `forget_nll_rise`: mean forget NLL per completion token; stop when it has risen by
+      `target` nats/token (absolute, > 0) or by `target` x baseline (`relative`), for models
+      where in-loop generation is too costly.
+    """
+
+    metric: Literal[STOP_METRICS] = "forget_val_accuracy"  # type: ignore[valid-type]
+    target: float = Field(allow_inf_nan=False)
+    relative: bool = False
+    every: int = Field(5, gt=0)
+    max_steps: int = Field(100, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> StopSpec:
+        if self.metric == "forget_val_accuracy" and not 0.0 <= self.target <= 1.0:
+            what = "a fraction of the baseline accuracy" if self.relative else "an accuracy"
+            raise ValueError(f"target must be in [0, 1] ({what}), got {self.target}")
+        if self.metric == "forget_nll_rise" and self.target <= 0.0:
+            what = "a fraction of the baseline NLL" if self.relative else "nats/token"
+            raise ValueError(f"target must be > 0 ({what}), got {self.target}")
+        if self.every > self.max_steps:
+            raise ValueError(f"every ({self.every}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
 class UnlearnSpec(Spec):
     """The unlearning run. Defaults from the unlearning literature for ~1.5B models."""
 
@@ -156,6 +207,21 @@ class UnlearnSpec(Spec):
     bf16: bool = True
     gradient_checkpointing: bool = True
     texts: Literal["reference", "generated"] = "reference"
+    # matched forgetting: stop at a forget level instead of after `steps` (None: run `steps`)
+    stop: StopSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_stop(self, handler):
+        # without a stopping rule the dump (and every hash of it) is the same as before the field existed
+        d = handler(self)
+        if isinstance(d, dict) and d.get("stop", 0) is None:
+            d.pop("stop")
+        return d
+
+    @property
+    def step_cap(self) -> int:
+        """Optimiser steps at most: `stop.max_steps` with a stopping rule, else `steps`."""
+        return self.stop.max_steps if self.stop is not None else self.steps
 
     @property
     def effective_beta(self) -> float:
@@ -218,6 +284,11 @@ class EvaluationSpec(Spec):
     template: TemplateName | None = None
     limits: dict[str, int] = Field(default_factory=dict, description="suite -> first N problems (quick runs)")
     max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + max_tokens)")
+    # vLLM engine options (LLM(dtype=..., enforce_eager=...)); the hf backend ignores them
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    enforce_eager: bool = Field(False, description="vLLM: no CUDA graphs (slower decode, faster start)")
+    # a hung vLLM worker (NCCL, a stuck engine) is killed after this long and the trial fails
+    timeout_s: float | None = Field(10800.0, gt=0.0, description="vLLM worker: kill it after this many seconds")
     # the noise floor: a `null` trial (no weight change) per seed, evaluated exactly like a trial
     noise_floor: bool = True
 
@@ -284,6 +355,17 @@ class SweepSpec(Spec):
                 raise ValueError(f"grid field {key!r} must be a non-empty list")
         return v
 
+    @model_validator(mode="after")
+    def _vllm_needs_whole_gpus(self) -> SweepSpec:
+        # each trial's vLLM engine reserves gpu_memory_utilization of the WHOLE device's memory,
+        # so two trials sharing one GPU cannot both start; the hf backend shares GPUs fine
+        gpu = self.resources.gpu
+        if self.evaluation.backend == "vllm" and 0 < gpu < 1:
+            raise ValueError(f"resources.gpu: {gpu:g} is a fractional GPU, which the vllm backend cannot share "
+                             "(each engine reserves gpu_memory_utilization of the whole GPU); use gpu: 1 "
+                             "or more, or evaluation.backend: hf")
+        return self
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -292,10 +374,11 @@ S = TypeVar("S", bound=BaseModel)
 
 def _format_error(path: os.PathLike | str, err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after")) or "(top level)"
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
     msg = e["msg"].removeprefix("Value error, ")
     extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{path}: {loc}: {msg}{extra}"
+    # a whole-spec check (no location) names its own fields in the message
+    return f"{path}: {loc}: {msg}{extra}" if loc else f"{path}: {msg}{extra}"
 
 
 def validate(model: type[S], data: Any, source: str) -> S:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,14 @@ MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediat
 _HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None),
         "math": ("EleutherAI/hendrycks_math", None)}
 _CALC_RE = re.compile(r"<<[^<>]*>>")
+
+
+def normalize_text(text: str) -> str:
+    """Problem text for duplicate checks: NFKC, lower case, without `$` math delimiters, TeX
+    spacing commands or any whitespace, so a re-typeset copy of a problem is the same text."""
+    t = unicodedata.normalize("NFKC", str(text)).lower().replace("$", "")
+    t = re.sub(r"\\[ ,;:!]", "", t)
+    return "".join(t.split())
 
 
 def subject_key(subject: str) -> str:
@@ -165,18 +174,28 @@ def build_splits(
     seed: int,
     levels: list[int] | None = None,
     subjects: list[str] | None = None,
-) -> tuple[list[dict], list[dict]]:
+    n_retain_val: int = 0,
+) -> tuple[list[dict], ...]:
     """Disjoint forget (n_forget) and retain (n_retain) draws from `pool`, reproducible by `seed`.
 
     The pool (after the level/subject filters) is put in a canonical order, sorted by
     (problem text, id) so the same problems give the same split whatever their ids or file
     order, then permuted by numpy's PCG64 seeded with `seed`: forget = the first n_forget,
     retain = the next n_retain. A larger n_forget with the same seed extends the smaller set.
+
+    With `n_retain_val` > 0 a third draw follows (the next n_retain_val of the same
+    permutation) and `(forget, retain, retain_val)` is returned: a retain-VALIDATION set for
+    choices (lr, steps, stopping) disjoint from the reported retain suite; forget and retain
+    are exactly those of the call without it. The validation draw shares no id and no
+    normalized problem text (:func:`normalize_text`) with forget or retain, nor within itself
+    (a text already drawn is skipped).
     """
     if not isinstance(n_forget, int) or n_forget <= 0:
         raise InputError(f"forget size must be a positive integer, got {n_forget!r}")
     if not isinstance(n_retain, int) or n_retain < 0:
         raise InputError(f"retain size must be an integer >= 0, got {n_retain!r}")
+    if not isinstance(n_retain_val, int) or n_retain_val < 0:
+        raise InputError(f"retain-validation size must be an integer >= 0, got {n_retain_val!r}")
     if not isinstance(seed, int) or seed < 0:
         raise InputError(f"split seed must be an integer >= 0, got {seed!r}")
     for i, r in enumerate(pool):
@@ -197,10 +216,26 @@ def build_splits(
     if len(set(ids)) != len(ids):
         raise InputError("pool has duplicate problem ids")
     need = n_forget + n_retain
-    if len(rows) < need:
+    if len(rows) < need + n_retain_val:
         filt = f" with levels={levels} subjects={subjects}" if levels or subjects else ""
-        raise InputError(f"pool has {len(rows)} problems{filt}; forget {n_forget} + retain {n_retain} needs {need}")
+        val = f" + retain-validation {n_retain_val}" if n_retain_val else ""
+        raise InputError(f"pool has {len(rows)} problems{filt}; forget {n_forget} + retain {n_retain}{val} "
+                         f"needs {need + n_retain_val}")
     rows.sort(key=lambda r: (r["prompt"], str(r["id"])))
     order = np.random.Generator(np.random.PCG64(seed)).permutation(len(rows))
     picked = [dict(rows[i]) for i in order[:need]]
-    return picked[:n_forget], picked[n_forget:]
+    if not n_retain_val:
+        return picked[:n_forget], picked[n_forget:]
+    seen = {normalize_text(r["prompt"]) for r in picked}
+    val = []
+    for i in order[need:]:
+        key = normalize_text(rows[i]["prompt"])
+        if key not in seen:
+            seen.add(key)
+            val.append(dict(rows[i]))
+            if len(val) == n_retain_val:
+                break
+    if len(val) < n_retain_val:
+        raise InputError(f"pool has only {len(val)} problems for retain-validation after forget and retain "
+                         f"(distinct texts); {n_retain_val} asked")
+    return picked[:n_forget], picked[n_forget:], val

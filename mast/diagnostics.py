@@ -337,6 +337,10 @@ def format_summary(result: dict) -> str:
 
 
 def cli_diagnose(args) -> int:
+    from mast.hub import resolve_model
+
+    for f in ("base", "reference", "target"):  # folders or Hub ids
+        setattr(args, f, resolve_model(getattr(args, f), f"--{f}"))
     forget = read_jsonl(args.forget, required=("prompt", "solution"))
     if not forget:
         raise InputError(f"{args.forget}: no problems")

@@ -33,12 +33,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def check_model_dir(model_dir: str | os.PathLike, what: str = "model") -> Path:
-    """The folder as a Path, or InputError naming it (missing, or no config / safetensors)."""
+    """The folder as a Path, or InputError naming it (missing, or no config / safetensors).
+
+    The folder / config.json part is :func:`mast.hub.check_checkpoint_dir` (the one model-folder
+    check); the commands resolve Hub ids with :func:`mast.hub.resolve_model` before this.
+    """
+    from mast.hub import check_checkpoint_dir
+
+    check_checkpoint_dir(model_dir, what)
     d = Path(model_dir)
-    if not d.is_dir():
-        raise InputError(f"{d}: {what} folder not found")
-    if not (d / "config.json").is_file():
-        raise InputError(f"{d}: not a checkpoint folder (no config.json)")
     if not (d / INDEX_FILE).is_file() and not any(d.glob("*.safetensors")):
         raise InputError(f"{d}: no *.safetensors weights (only safetensors checkpoints are supported)")
     return d

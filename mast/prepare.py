@@ -116,24 +116,13 @@ class Prepared:
 
 
 def resolve_model(name: str | os.PathLike, field: str) -> str:
-    """A local checkpoint folder (absolute) or a Hub id resolved to its local snapshot.
+    """A local checkpoint folder (absolute) or a Hub id resolved to its local snapshot (:mod:`mast.hub`).
 
     On a cluster put HF_HOME on shared storage so the snapshot path is valid on every node.
     """
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise InputError(f"models.{field}: {p}: not a checkpoint folder (no config.json)")
-        return str(p.resolve())
-    if str(name).startswith((".", "/", "~")):
-        raise InputError(f"models.{field}: {name}: folder not found")
-    try:
-        from huggingface_hub import snapshot_download
+    from mast.hub import resolve_model as resolve
 
-        return snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                            "*.tiktoken", "*.jinja"])
-    except Exception as e:  # offline, unknown repo, gated
-        raise InputError(f"models.{field}: cannot fetch {name!r} from the Hugging Face Hub ({type(e).__name__})") from None
+    return resolve(name, f"models.{field}")
 
 
 def sources(spec: SweepSpec, sd: SweepDir, data_dir: str | None) -> Sources:

@@ -29,8 +29,10 @@ class Rule:
 RULE_FACTS: dict[str, Rule] = {
     "mast": Rule(uses_k=True, uses_rho=True, ranked=True),
     "off_principal": Rule(uses_k=True, uses_rho=True, ranked=True),
+    "off_principal_raw": Rule(uses_k=True, uses_rho=True, ranked=True),
     "magnitude": Rule(uses_k=True, ranked=True),
     "coupling": Rule(uses_k=True, ranked=True),
+    "coupling_signed": Rule(uses_k=True, ranked=True),
     "random": Rule(uses_k=True),
     "attention": Rule(uses_k=False),
     "full": Rule(uses_k=False, all_parameters=True),

@@ -32,6 +32,7 @@ import torch
 
 from mast.batching import completion_logprobs, completion_nll, encode_problems, in_order, pad_id_of, to_device
 from mast.config import SelectionSpec, merge_spec, validate
+from mast.energy import normalized_from_raw
 from mast.files import (
     InputError,
     cache_root,
@@ -287,10 +288,16 @@ def _signal_rule(signal: str):
     return rule
 
 
+# the column each MAST signal ranks by: the off-principal signal is the shape-normalized energy
+SCORE_COLUMNS = {"update_magnitude": "update_magnitude", "off_principal_energy": "off_principal_normalized",
+                 "coupling": "coupling"}
+
+
 def rule_mast(rows: Sequence[dict], spec: SelectionSpec) -> tuple[list[float], list[bool]]:
-    """Top-k moved tensors by sum_s w_s pct_s / sum_s w_s (rank percentiles over all candidates)."""
+    """Top-k moved tensors by sum_s w_s pct_s / sum_s w_s (rank percentiles over all candidates);
+    the off-principal signal enters as its shape-normalized value (:data:`SCORE_COLUMNS`)."""
     moved = _moved(rows)
-    score = mast_score({s: [r[s] for r in rows] for s in SIGNALS}, spec.weights)
+    score = mast_score({s: [r[SCORE_COLUMNS[s]] for r in rows] for s in SIGNALS}, spec.weights)
     scores = [float(x) if m else 0.0 for x, m in zip(score, moved, strict=True)]
     return scores, _top_k(rows, scores, spec.k, moved)
 
@@ -314,9 +321,11 @@ def rule_none(rows: Sequence[dict], spec: SelectionSpec) -> tuple[list[float], l
 # keyed by mast.registry.RULE_NAMES (a test checks); the facts (uses k, ranked, all parameters) live there
 RULES = {
     "mast": rule_mast,
-    "off_principal": _signal_rule("off_principal_energy"),
+    "off_principal": _signal_rule("off_principal_normalized"),
+    "off_principal_raw": _signal_rule("off_principal_energy"),
     "magnitude": _signal_rule("update_magnitude"),
     "coupling": _signal_rule("coupling"),
+    "coupling_signed": _signal_rule("coupling_signed"),
     "random": rule_random,
     "attention": rule_every,
     "full": rule_every,
@@ -343,6 +352,18 @@ def apply_rule(rows: Sequence[dict], spec: SelectionSpec) -> tuple[list[float], 
 
 
 # =========================================================================== select
+
+
+def derived_signals(spectral_row: dict, coupling_row: dict) -> dict:
+    """The ablation columns computed from the cached statistics (no cache change):
+    ``off_principal_normalized`` = 1 − f / (r²/(mn)) with f = 1 − raw energy (:mod:`mast.energy`), and
+    ``coupling_signed`` = −⟨G, D⟩ (> 0: the increment made the forget texts more likely)."""
+    import math
+
+    raw = float(spectral_row["off_principal_energy"])
+    inner_abs, cos = float(coupling_row["coupling"]), float(coupling_row["coupling_cosine"])
+    return {"off_principal_normalized": normalized_from_raw(raw, spectral_row["shape"], int(spectral_row["r"])),
+            "coupling_signed": -math.copysign(inner_abs, cos) if cos != 0 else 0.0}
 
 
 def _as_spec(spec) -> SelectionSpec:
@@ -378,14 +399,16 @@ def select(
         cc = coup["candidates"].get(c["name"])
         if cc is None:
             raise InputError(f"{target}: candidate {c['name']} missing from the coupling statistics")
-        rows.append({**c, **cc})
+        rows.append({**c, **cc, **derived_signals(c, cc)})
     scores, selected, warnings = apply_rule(rows, spec)
     for w in warnings:
         print(f"mast select: warning: {w}", file=sys.stderr)
     candidates = [
         {"name": r["name"], "shape": r["shape"], "update_magnitude": r["update_magnitude"],
-         "off_principal_energy": r["off_principal_energy"], "coupling": r["coupling"],
-         "coupling_cosine": r["coupling_cosine"], "score": s, "selected": bool(sel), "moved": r["norm_d"] > 0}
+         "off_principal_energy": r["off_principal_energy"],
+         "off_principal_normalized": r["off_principal_normalized"], "coupling": r["coupling"],
+         "coupling_cosine": r["coupling_cosine"], "coupling_signed": r["coupling_signed"], "score": s,
+         "selected": bool(sel), "moved": r["norm_d"] > 0}
         for r, s, sel in zip(rows, scores, selected, strict=True)
     ]
     return {
@@ -424,7 +447,11 @@ def format_table(selection: dict) -> str:
 
 
 def cli_select(args) -> int:
+    from mast.hub import resolve_model
+
     spec = merge_spec(SelectionSpec, getattr(args, "spec", None), args, ("rule", "k", "rho", "seed"))
+    args.reference = resolve_model(args.reference, "--reference")  # a folder or a Hub id
+    args.target = resolve_model(args.target, "--target")
     check_model_dir(args.reference, "--reference")
     check_model_dir(args.target, "--target")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))

@@ -13,6 +13,16 @@ D = W_target - W (what RLVR changed):
 - MAST score              sum_s w_s * pct_s / sum_s w_s, pct_s the rank percentile of signal s
                           among the candidates (average rank for ties, divided by N)
 
+Shape bias of the raw energy, and the default. A direction-free increment already scores
+1 − r²/(mn): 0.99749 for a 1536x1536 q/o and 0.99957 for a 256x1536 k/v projection at rho
+0.05, so a k_proj three times MORE concentrated in the principal subspace than chance
+(0.99871) still outranks a direction-free q_proj; RLVR increments are close to
+direction-free, so the raw value mostly picks k/v by shape. The `mast` score and the
+`off_principal` rule therefore rank 1 − f/(r²/(mn)) (f the principal fraction;
+:mod:`mast.energy`), 0 for a direction-free increment; `off_principal_raw` keeps the raw
+value as an ablation, and `coupling_signed` ranks by −<G, D>_F (did the increment make
+the forget texts more likely?). selection.json records every column.
+
 :mod:`mast.selection` streams the checkpoints, caches and applies the rules; everything it
 computes per tensor comes from here (:func:`tensor_signals`).
 """

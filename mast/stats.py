@@ -283,6 +283,120 @@ def mcnemar_test(before: Sequence[dict], after: Sequence[dict], n_bootstrap: int
     return mcnemar_from_counts(*mcnemar_counts(b, a), n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
 
 
+# --------------------------------------------------------------------------- n > 1 samples per problem
+#
+# With n samples per problem (R1-style decoding: temperature 0.6, top-p 0.95) a problem's score is its
+# accuracy a_i = (#correct samples) / n, and the suite's accuracy is avg@n = mean_i a_i.
+# PRIMARY: a paired sign-flip permutation test on d_i = a_i(after) - a_i(before), statistic
+# mean_i d_i = the avg@n delta itself. Under H0 (unlearning does not change a problem's solve rate,
+# before/after exchangeable within a problem) each d_i is symmetric about 0, so flipping signs gives
+# the exact null distribution: enumerated for <= 16 non-zero d_i, else `n_permutations` seeded random
+# flips with p = (1 + #{|T*| >= |T|}) / (1 + B). It uses every sample and tests the reported effect.
+# Recorded beside it: Wilcoxon signed-rank on the d_i (many ties: a_i lives on a 1/n grid) and
+# McNemar per sample index j (sample j before vs sample j after; exact, but each uses 1/n of the
+# data) with the p-values combined by twice their mean, min(1, 2 * mean_j p_j) (Rüschendorf 1982,
+# Vovk & Wang 2020), valid under ANY dependence between the indices (they share the problems,
+# so Fisher's or Stouffer's independence-based combinations would be anti-conservative).
+
+PERMUTATION_TEST = "paired sign-flip permutation test on per-problem accuracy (mean over samples)"
+COMBINE_METHOD = "twice the mean p over sample indices (valid under arbitrary dependence)"
+_EXACT_FLIPS = 16
+
+
+def combine_pvalues_dependent(pvalues: Sequence[float]) -> float:
+    """min(1, 2 * mean(p)): a p-value valid under arbitrary dependence of the inputs (Vovk & Wang 2020)."""
+    p = np.asarray(pvalues, dtype=float)
+    if p.size == 0 or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must be a non-empty list in [0, 1], got {list(pvalues)}")
+    return float(min(1.0, 2.0 * p.mean()))
+
+
+def mcnemar_per_sample(before: np.ndarray, after: np.ndarray) -> dict:
+    """Exact McNemar for each sample index j of two (problems x samples) boolean matrices, and the combined p."""
+    b, a = np.asarray(before, dtype=bool), np.asarray(after, dtype=bool)
+    if b.shape != a.shape or b.ndim != 2 or b.shape[1] == 0:
+        raise ValueError(f"before/after must be aligned (problems x samples) matrices, got {b.shape} and {a.shape}")
+    rows = []
+    for j in range(b.shape[1]):
+        _, r2w, w2r, _ = mcnemar_counts(b[:, j], a[:, j])
+        rows.append({"index": j, "right_to_wrong": r2w, "wrong_to_right": w2r, "p_value": exact_mcnemar_p(r2w, w2r)})
+    ps = [r["p_value"] for r in rows]
+    return {"per_index": rows, "p_value": combine_pvalues_dependent(ps), "combine": COMBINE_METHOD}
+
+
+def sign_flip_test(diffs: Sequence[float], n_permutations: int = 10000, seed: int = 0) -> dict:
+    """Two-sided paired sign-flip permutation test of mean(diffs) = 0.
+
+    T = mean(d); null: every d_i's sign flipped with probability 1/2. Exact (all 2^m flips of the m
+    non-zero d_i) when m <= 16, else `n_permutations` seeded draws with p = (1 + #{|T*| >= |T|}) / (1 + B).
+    Zeros never change T's distribution except through the divisor, so they are kept in the mean.
+    """
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError("diffs must be a non-empty 1-d vector")
+    t_obs = abs(d.mean())
+    nz = d[d != 0]
+    m = nz.size
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if m == 0:
+        return {"statistic": 0.0, "p_value": 1.0, "exact": True, "n_permutations": 1}
+    if m <= _EXACT_FLIPS:
+        signs = 1 - 2 * ((np.arange(2 ** m)[:, None] >> np.arange(m)) & 1)
+        t = np.abs((signs * nz).sum(axis=1)) / d.size
+        return {"statistic": float(d.mean()), "p_value": float(np.mean(t >= t_obs - tol)), "exact": True,
+                "n_permutations": int(2 ** m)}
+    rng = np.random.Generator(np.random.PCG64(seed))
+    hits = 0
+    for start in range(0, n_permutations, 2000):  # chunks: bounded memory for long suites
+        k = min(2000, n_permutations - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(k, m))
+        hits += int(np.sum(np.abs(signs @ nz) / d.size >= t_obs - tol))
+    return {"statistic": float(d.mean()), "p_value": (1 + hits) / (1 + n_permutations), "exact": False,
+            "n_permutations": int(n_permutations), "seed": int(seed)}
+
+
+def _sample_correct(row: dict, side: str) -> list[bool]:
+    """A record's per-sample correctness: its `samples` (n > 1) or its own `correct` (n = 1)."""
+    if "samples" in row:
+        return [_correct(s, side) for s in row["samples"]]
+    return [_correct(row, side)]
+
+
+def paired_sample_tests(before: Sequence[dict], after: Sequence[dict], n_permutations: int = 10000,
+                        seed: int = 0, names: tuple[str, str] = ("before", "after")) -> dict:
+    """Paired tests of two per-problem result lists with n samples each (see the block comment above).
+
+    Returns ``{"n", "n_samples", "acc_before", "acc_after", "delta", "p_value" (primary: the
+    permutation test), "test", "permutation", "wilcoxon": {statistic, p_value}, "mcnemar_per_sample"}``.
+    With n = 1 the permutation test is an exact McNemar-like sign test on the flips.
+    """
+    ids, _, _ = paired_table(before, after, names)
+    bi = {r["id"]: _sample_correct(r, names[0]) for r in before}
+    ai = {r["id"]: _sample_correct(r, names[1]) for r in after}
+    ns = {len(bi[i]) for i in ids} | {len(ai[i]) for i in ids}
+    if len(ns) != 1:
+        raise InputError(f"{names[0]}/{names[1]}: records have different numbers of samples {sorted(ns)}")
+    b = np.array([bi[i] for i in ids], dtype=bool)
+    a = np.array([ai[i] for i in ids], dtype=bool)
+    acc_b, acc_a = b.mean(axis=1), a.mean(axis=1)
+    d = acc_a - acc_b
+    perm = sign_flip_test(d, n_permutations, seed)
+    nz = d[d != 0]
+    if nz.size:
+        from scipy.stats import wilcoxon
+
+        w = wilcoxon(acc_a, acc_b, zero_method="wilcox")
+        wil = {"statistic": float(w.statistic), "p_value": float(w.pvalue)}
+    else:
+        wil = {"statistic": 0.0, "p_value": 1.0}
+    return {
+        "n": len(ids), "n_samples": int(b.shape[1]),
+        "acc_before": float(acc_b.mean()), "acc_after": float(acc_a.mean()), "delta": float(d.mean()),
+        "p_value": perm["p_value"], "test": PERMUTATION_TEST, "permutation": perm,
+        "wilcoxon": wil, "mcnemar_per_sample": mcnemar_per_sample(b, a),
+    }
+
+
 def condition_key(config: dict) -> tuple:
     """Hashable key of :func:`condition_config`."""
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in condition_config(config).items()))

@@ -25,12 +25,18 @@ checkpointing. On CPU both are no-ops (float32 throughout).
 Output folder (written atomically; nothing at all when the run fails):
 
 - the full ``save_pretrained`` checkpoint in the target's stored dtype, with its tokenizer;
-- ``delta.safetensors``: the NEW VALUES of the tensors that changed (not new − old: a float
+- ``delta/delta.safetensors`` (a subfolder, so vLLM and transformers never load it as weights): the NEW VALUES of the tensors that changed (not new − old: a float
   difference does not round-trip bit-for-bit). :func:`apply_delta` loads the target and
   overwrites those tensors, which rebuilds the saved weights exactly; ``new − target`` is one
   subtraction away for analysis;
 - ``manifest.json`` (target fingerprint, selection summary, spec, seed, final losses, counts);
 - ``losses.jsonl``: one ``{"step", "forget", "retain", "total", "lr", "grad_norm"}`` per step.
+
+Matched forgetting (``spec.stop``, :mod:`mast.stopping`): the caller passes
+``stop_check(step, model) -> float``; it is called (eval + inference mode) before the first
+step and every ``stop.every`` steps, and training ends at the first check that meets the
+criterion or at ``stop.max_steps``. ``steps_run``, ``stopped_early`` and the check history
+(``stop``) are in the manifest and the result. Without ``spec.stop`` the loop is unchanged.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +75,11 @@ from mast.files import (
 )
 from mast.objectives import forget_loss, kl, nll, retain_scale_for
 from mast.registry import NEEDS_REFERENCE
+from mast.stopping import decide, is_check_step, stop_summary
 
-DELTA_FILE = "delta.safetensors"
+# in a subfolder: vLLM loads EVERY top-level *.safetensors of a checkpoint without an index, so a
+# delta beside model.safetensors would be read as weights (a sibling file name would clash too)
+DELTA_FILE = "delta/delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 LOSSES_FILE = "losses.jsonl"
 DELTA_FORMAT = "mast-delta-v1/replace"
@@ -81,6 +91,9 @@ class UnlearnResult:
     out_dir: Path
     losses: list[dict] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
+    steps_run: int = 0
+    stopped_early: bool = False
+    stop_history: list[dict] = field(default_factory=list)  # [{"step", "value"}], step 0 = baseline
 
 
 class UnlearnDiverged(RuntimeError):
@@ -291,12 +304,14 @@ def unlearn(
     progress: bool = True,
     device: str | torch.device | None = None,
     selection_source: str = "selection",
+    stop_check: Callable[[int, Any], float] | None = None,
 ) -> UnlearnResult:
     """Unlearn `forget` from the target on the selected tensors; write the checkpoint to `out_dir`.
 
+    With `spec.stop`, `stop_check(step, model)` measures the forget criterion (module docstring).
     Raises InputError on bad input (unknown tensor names, named by `selection_source`, e.g. the
-    selection file; empty forget set) and
-    :class:`UnlearnDiverged` when a loss or the gradient norm is not finite (nothing written).
+    selection file; empty forget set; `spec.stop` without a check) and :class:`UnlearnDiverged`
+    when a loss or the gradient norm is not finite (nothing written).
     """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -305,6 +320,10 @@ def unlearn(
     target_dir, out_dir = Path(target_dir), Path(out_dir)
     if not forget:
         raise InputError("forget: no problems to unlearn")
+    if spec.stop is not None and stop_check is None:
+        raise InputError("unlearning.stop is set but no stop check was given (it needs forget-validation problems)")
+    if spec.stop is None and stop_check is not None:
+        raise ValueError("stop_check given without unlearning.stop")
     retain_term = spec.retain if retain else "none"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_amp = device.type == "cuda" and spec.bf16
@@ -347,11 +366,15 @@ def unlearn(
     f_stream = index_stream(len(f_enc), gen)
     r_stream = index_stream(len(r_enc), gen) if r_enc else None
 
+    n_steps = spec.step_cap
+    history: list[dict] = []
+    if spec.stop is not None:
+        history.append({"step": 0, "value": _run_check(stop_check, 0, model, amp)})
     model.train()
     losses: list[dict] = []
-    bar = tqdm(total=spec.steps, desc="unlearn", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=n_steps, desc="unlearn", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
-        for step in range(1, spec.steps + 1):
+        for step in range(1, n_steps + 1):
             micro = []
             for _ in range(spec.grad_accum):
                 idx = take(f_stream, spec.batch_size)
@@ -362,11 +385,17 @@ def unlearn(
             losses.append(row)
             bar.update(1)
             bar.set_postfix(forget=f"{row['forget']:.4g}", total=f"{row['total']:.4g}")
+            if spec.stop is not None and is_check_step(spec.stop, step):
+                history.append({"step": step, "value": _run_check(stop_check, step, model, amp)})
+                if decide(spec.stop, history).stop:
+                    break
     finally:
         bar.close()
+    steps_run = len(losses)
+    stopped_early = steps_run < n_steps
     for n, p in trainable.items():
         if not _finite(p.detach()):
-            raise UnlearnDiverged(spec.steps, f"tensor {n} has non-finite values after the update")
+            raise UnlearnDiverged(steps_run, f"tensor {n} has non-finite values after the update")
 
     state_bytes = optimizer_state_bytes(opt)
     del opt, ref_model
@@ -400,7 +429,10 @@ def unlearn(
         "retain_scale": retain_scale_for(spec.objective, spec.retain_scale) if retain_term != "none" else None,
         "spec": spec.model_dump(),
         "seed": spec.seed,
-        "steps": spec.steps,
+        "steps": steps_run,
+        "steps_run": steps_run,
+        "stopped_early": stopped_early,
+        "stop": stop_summary(spec.stop, history) if spec.stop is not None else None,
         "template": template,
         "n_forget": len(forget),
         "n_retain": len(retain or []) if retain_term != "none" else 0,
@@ -421,12 +453,27 @@ def unlearn(
     with atomic_dir(out_dir) as tmp, quiet_loading():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / DELTA_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file(changed, str(tmp / DELTA_FILE),
                   metadata={"format": "pt", "mast_delta": DELTA_FORMAT, "target_fingerprint": target_fp})
         write_jsonl(tmp / LOSSES_FILE, losses)
         manifest["seconds"] = round(time.time() - t0, 3)
         write_json(tmp / MANIFEST_FILE, manifest)
-    return UnlearnResult(out_dir=out_dir, losses=losses, manifest=manifest)
+    return UnlearnResult(out_dir=out_dir, losses=losses, manifest=manifest, steps_run=steps_run,
+                         stopped_early=stopped_early, stop_history=history)
+
+
+def _run_check(stop_check, step: int, model, amp) -> float:
+    """One stopping-rule measurement on the live model: eval + inference mode (+ autocast), then back to train."""
+    model.eval()
+    try:
+        with torch.inference_mode(), amp():
+            value = float(stop_check(step, model))
+    finally:
+        model.train()
+    if not math.isfinite(value):
+        raise UnlearnDiverged(step, f"stop check value is {value}")
+    return value
 
 
 def _versions() -> dict:
@@ -480,9 +527,13 @@ def apply_delta(target_dir, delta_path, out_dir=None, check: bool = True):
 
 def cli_unlearn(args) -> int:
     """`mast unlearn`: read the selection and problem files, run :func:`unlearn`, print a summary."""
+    from mast.hub import resolve_model
+
     spec = merge_spec(UnlearnSpec, args.spec, args, ("objective", "steps", "lr", "seed"))
-    if not Path(args.target).is_dir():
-        raise InputError(f"{args.target}: not a checkpoint folder")
+    if spec.stop is not None:
+        raise InputError(f"{args.spec}: stop: `mast unlearn` has no stop check (it needs forget-validation "
+                         "problems); use it in a sweep, or remove it and set steps")
+    args.target = resolve_model(args.target, "--target")  # a folder or a Hub id
     selection = read_json(args.selection)
     selection_names(selection, args.selection)
     forget = read_jsonl(args.forget, PROBLEM_FIELDS)

@@ -1,12 +1,20 @@
 """vLLM generation in a process of its own: ``python -m mast.vllm_worker IN.json OUT.json``.
 
-IN: ``{"model", "llm": {tensor_parallel_size, gpu_memory_utilization, seed, ...},
-"sampling": {temperature, top_p, max_tokens, n, seed, stop, stop_token_ids},
-"prompt_token_ids": [[int, ...], ...], "progress": bool}``.
-OUT: ``{"texts": [[text, ...n], ...], "token_counts": [[int, ...n], ...]}`` in request order
-(``LLM.generate`` returns one RequestOutput per prompt, in input order). The process exits
-when done, which is what frees vLLM's GPU memory; the parent
-(:class:`mast.evaluation.VLLMBackend`) never imports vLLM.
+IN: ``{"model", "llm": {tensor_parallel_size, gpu_memory_utilization, seed, dtype, enforce_eager,
+max_model_len}, "groups": [{"sampling": {temperature, top_p, max_tokens, n, seed, stop,
+stop_token_ids}, "prompt_token_ids": [[int, ...], ...]}, ...], "progress": bool}``.
+Every group's prompts go into ONE ``LLM.generate`` call (one ``SamplingParams`` per prompt), so
+all suites of a trial share one engine start and one continuous batch.
+OUT: ``{"groups": [[[sample, ...n], ...per prompt], ...per group]}`` in request order, a sample
+being :func:`completion_sample`'s dict. The process exits when done, which is what frees
+vLLM's GPU memory; the parent (:class:`mast.evaluation.VLLMBackend`) never imports vLLM.
+
+Written against vLLM 0.33 (``vllm/outputs.py``: ``RequestOutput.outputs`` is a list of
+``CompletionOutput(index, text, token_ids, finish_reason, stop_reason, ...)``;
+``finish_reason`` is "stop", "length" or "abort"; the token that ended a sequence (the
+model's EOS or one of ``stop_token_ids``) IS in ``token_ids``, see
+``vllm/v1/core/sched/utils.py:check_stop``). The conversion is pure
+(:func:`convert_request_outputs`) and tested on plain objects with those fields.
 """
 
 from __future__ import annotations
@@ -15,7 +23,69 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+
+def sampling_kwargs(s: dict) -> dict:
+    """``SamplingParams`` keyword arguments for one decoding (greedy when temperature <= 0).
+
+    top_k stays at vLLM's default (disabled), as in the hf backend; stop strings are excluded
+    from the text (vLLM's default), special tokens skipped when detokenizing.
+    """
+    greedy = s["temperature"] <= 0
+    return {
+        "n": int(s["n"]),
+        "temperature": 0.0 if greedy else float(s["temperature"]),
+        "top_p": 1.0 if greedy else float(s["top_p"]),
+        "max_tokens": int(s["max_tokens"]),
+        "seed": s.get("seed"),
+        "stop": list(s.get("stop") or []) or None,
+        "stop_token_ids": list(s.get("stop_token_ids") or []) or None,
+        "skip_special_tokens": True,
+    }
+
+
+def completion_sample(c: Any) -> dict:
+    """One ``CompletionOutput`` -> ``{"text", "n_tokens", "truncated", "finish_reason"}``.
+
+    ``n_tokens`` counts generated tokens WITHOUT the token that ended the sequence (EOS or a
+    stop token id: finish_reason "stop" with stop_reason None or an int), as the hf backend
+    counts them; a stop *string* (stop_reason a str) keeps its tokens in both backends.
+    ``truncated``: the sequence hit ``max_tokens`` (or the context length): finish_reason "length".
+    """
+    ids = list(c.token_ids or ())
+    reason = getattr(c, "finish_reason", None)
+    stop_reason = getattr(c, "stop_reason", None)
+    ended_on_token = reason == "stop" and (stop_reason is None or isinstance(stop_reason, int))
+    n = len(ids) - (1 if ended_on_token and ids else 0)
+    return {"text": c.text, "n_tokens": n, "truncated": reason == "length", "finish_reason": reason}
+
+
+def convert_request_outputs(outputs: Sequence[Any], n: Sequence[int] | int) -> list[list[dict]]:
+    """``LLM.generate``'s RequestOutputs (one per prompt, request order) -> per prompt its samples.
+
+    Samples are ordered by ``CompletionOutput.index``; each prompt must have its `n` samples
+    (an int for all, or one per prompt), else RuntimeError (an aborted request).
+    """
+    ns = [n] * len(outputs) if isinstance(n, int) else list(n)
+    if len(ns) != len(outputs):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(ns)} prompts")
+    rows = []
+    for i, (o, k) in enumerate(zip(outputs, ns)):
+        comps = sorted(o.outputs, key=lambda c: c.index)
+        if len(comps) != k:
+            raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {i}, expected {k}")
+        rows.append([completion_sample(c) for c in comps])
+    return rows
+
+
+def _groups(job: dict) -> list[dict]:
+    """The job's groups; a job in the single-decoding form (sampling + prompt_token_ids) is one group."""
+    if "groups" in job:
+        return job["groups"]
+    return [{"sampling": job["sampling"], "prompt_token_ids": job["prompt_token_ids"]}]
 
 
 def run(job: dict) -> dict:
@@ -23,27 +93,22 @@ def run(job: dict) -> dict:
 
     llm_kw = {k: v for k, v in job["llm"].items() if v is not None}
     llm = LLM(model=job["model"], tokenizer=job["model"], **llm_kw)
-    s = job["sampling"]
-    greedy = s["temperature"] <= 0
-    # top_k left at vLLM's default (disabled), as in the hf backend; greedy when temperature == 0
-    params = SamplingParams(
-        n=s["n"],
-        temperature=0.0 if greedy else s["temperature"],
-        top_p=1.0 if greedy else s["top_p"],
-        max_tokens=s["max_tokens"],
-        seed=s["seed"],
-        stop=s["stop"] or None,
-        stop_token_ids=s["stop_token_ids"] or None,
-        skip_special_tokens=True,
-    )
-    prompts = [{"prompt_token_ids": ids} for ids in job["prompt_token_ids"]]  # TokensPrompt dicts
+    groups = _groups(job)
+    prompts, params, ns, sizes = [], [], [], []
+    for g in groups:
+        sp = SamplingParams(**sampling_kwargs(g["sampling"]))
+        ids = g["prompt_token_ids"]
+        prompts += [{"prompt_token_ids": p} for p in ids]  # TokensPrompt dicts
+        params += [sp] * len(ids)
+        ns += [int(g["sampling"]["n"])] * len(ids)
+        sizes.append(len(ids))
     outputs = llm.generate(prompts, params, use_tqdm=bool(job.get("progress", True)))
-    texts, counts = [], []
-    for o in outputs:  # one RequestOutput per prompt, in request order
-        comps = sorted(o.outputs, key=lambda c: c.index)
-        texts.append([c.text for c in comps])
-        counts.append([len(c.token_ids) for c in comps])
-    return {"texts": texts, "token_counts": counts}
+    rows = convert_request_outputs(outputs, ns)
+    out, start = [], 0
+    for size in sizes:
+        out.append(rows[start:start + size])
+        start += size
+    return {"groups": out}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mast.data import build_splits, load_benchmark, load_math_pool, subject_key
+from mast.data import build_splits, load_benchmark, load_math_pool, normalize_text, subject_key
 from mast.files import InputError
 
 
@@ -82,6 +82,48 @@ def test_split_filters(pool):
         build_splits(pool, 10, 10, seed=-1)
     with pytest.raises(InputError, match="pool has 4500 problems; forget 4000 \\+ retain 1000 needs 5000"):
         build_splits(pool, 4000, 1000, seed=0)
+
+
+def test_retain_validation_is_a_third_draw_that_leaves_forget_and_retain_unchanged(pool):
+    forget, retain = build_splits(pool, 150, 300, seed=0)
+    f2, r2, val = build_splits(pool, 150, 300, seed=0, n_retain_val=100)
+    assert f2 == forget and r2 == retain
+    assert build_splits(pool, 150, 300, seed=0, n_retain_val=0) == (forget, retain)
+    assert len(val) == 100
+    # disjoint by id and by normalized problem text, from both other draws and within itself
+    ids = [r["id"] for r in forget + retain]
+    texts = {normalize_text(r["prompt"]) for r in forget + retain}
+    val_texts = [normalize_text(r["prompt"]) for r in val]
+    assert not {r["id"] for r in val} & set(ids) and len({r["id"] for r in val}) == 100
+    assert not set(val_texts) & texts and len(set(val_texts)) == 100
+    # seeded: the same draw again, another seed another draw
+    assert build_splits(pool, 150, 300, seed=0, n_retain_val=100)[2] == val
+    other = build_splits(pool, 150, 300, seed=1, n_retain_val=100)[2]
+    assert len({r["id"] for r in other} & {r["id"] for r in val}) < 20
+    with pytest.raises(InputError, match="retain-validation size"):
+        build_splits(pool, 10, 10, seed=0, n_retain_val=-1)
+    with pytest.raises(InputError, match=r"forget 4000 \+ retain 400 \+ retain-validation 200 needs 4600"):
+        build_splits(pool, 4000, 400, seed=0, n_retain_val=200)
+
+
+def test_retain_validation_skips_a_retypeset_copy_of_a_drawn_problem():
+    base = [{"id": f"p{i}", "prompt": f"What is ${i}+{i}$?", "solution": "s", "answer": str(2 * i)} for i in range(30)]
+    # a copy of every problem under another id, typeset differently (spacing, case, no $...$)
+    copies = [{**r, "id": f"copy{i}", "prompt": f"  WHAT is {i}+{i}?  "} for i, r in enumerate(base)]
+    forget, retain, val = build_splits(base + copies, 10, 10, seed=0, n_retain_val=10)
+    drawn = {normalize_text(r["prompt"]) for r in forget + retain}
+    assert not drawn & {normalize_text(r["prompt"]) for r in val}
+    assert len({normalize_text(r["prompt"]) for r in val}) == 10
+    left = 30 - len(drawn)  # distinct texts not drawn yet: all the validation draw may take
+    assert len(build_splits(base + copies, 10, 10, seed=0, n_retain_val=left)[2]) == left
+    with pytest.raises(InputError, match="retain-validation"):
+        build_splits(base + copies, 10, 10, seed=0, n_retain_val=left + 1)
+
+
+def test_normalize_text_ignores_case_spacing_and_math_delimiters():
+    assert normalize_text("Find  $x$ if\n$2x = 4$.") == normalize_text("find x if 2x = 4.")
+    assert normalize_text("a\\,b") == normalize_text("a b")
+    assert normalize_text("x = 1") != normalize_text("x = 2")
 
 
 def test_bad_local_data(tmp_path):

@@ -30,11 +30,14 @@ def rows_with_unmoved():
         rows.append({"name": f"c{i}", "norm_d": 1.0 if moved else 0.0,
                      "update_magnitude": float(rng.random()) if moved else 0.0,
                      "off_principal_energy": float(rng.random()) if moved else 0.0,
-                     "coupling": float(rng.random()) if moved else 0.0})
+                     "off_principal_normalized": float(rng.random()) if moved else 0.0,
+                     "coupling": float(rng.random()) if moved else 0.0,
+                     "coupling_signed": float(rng.normal()) if moved else 0.0})
     return rows
 
 
-@pytest.mark.parametrize("rule", ["mast", "off_principal", "magnitude", "coupling"])
+@pytest.mark.parametrize("rule", ["mast", "off_principal", "off_principal_raw", "magnitude", "coupling",
+                                  "coupling_signed"])
 def test_unmoved_tensors_are_never_selected(rule):
     rows = rows_with_unmoved()
     for k in (1, 3, 4, 6):
@@ -47,15 +50,39 @@ def test_unmoved_tensors_are_never_selected(rule):
 
 def test_signal_rules_pick_the_top_k_by_their_signal():
     rows = rows_with_unmoved()
-    for rule, signal in [("magnitude", "update_magnitude"), ("off_principal", "off_principal_energy"),
-                         ("coupling", "coupling")]:
+    for rule, signal in [("magnitude", "update_magnitude"), ("off_principal", "off_principal_normalized"),
+                         ("off_principal_raw", "off_principal_energy"), ("coupling", "coupling"),
+                         ("coupling_signed", "coupling_signed")]:
         _, selected, _ = apply_rule(rows, SelectionSpec(rule=rule, k=2))
-        top = sorted(rows, key=lambda r: -r[signal])[:2]
+        top = sorted((r for r in rows if r["norm_d"] > 0), key=lambda r: -r[signal])[:2]
         assert {r["name"] for r, s in zip(rows, selected, strict=True) if s} == {r["name"] for r in top}
 
 
+def test_normalized_energy_no_longer_ranks_by_shape():
+    """The issue's example at rho 0.05: a k_proj increment 3x more concentrated in the principal subspace
+    than chance outranks a direction-free q_proj on the raw energy, and not on the normalized one."""
+    from mast.selection import derived_signals
+    from mast.signals import rank_for
+
+    rows = []
+    for name, shape, times in [("k_proj", [256, 1536], 3.0), ("q_proj", [1536, 1536], 1.0)]:
+        r = rank_for(0.05, shape)
+        raw = 1.0 - times * r * r / (shape[0] * shape[1])
+        spectral = {"name": name, "shape": shape, "r": r, "norm_d": 1.0, "update_magnitude": 1.0,
+                    "off_principal_energy": raw}
+        rows.append({**spectral, "coupling": 1.0, **derived_signals(spectral, {"coupling": 1.0, "coupling_cosine": -1.0})})
+    assert rows[0]["off_principal_energy"] == pytest.approx(0.99871, abs=1e-5)
+    assert rows[1]["off_principal_energy"] == pytest.approx(0.99749, abs=1e-5)
+    assert rows[1]["off_principal_normalized"] == pytest.approx(0.0, abs=1e-9)  # direction-free: 0
+    assert rows[0]["off_principal_normalized"] == pytest.approx(-2.0)  # 3x concentrated: 1 - 3
+    pick = {rule: [r["name"] for r, s in zip(rows, apply_rule(rows, SelectionSpec(rule=rule, k=1))[1]) if s]
+            for rule in ("off_principal_raw", "off_principal")}
+    assert pick == {"off_principal_raw": ["k_proj"], "off_principal": ["q_proj"]}
+    assert rows[0]["coupling_signed"] == 1.0  # cosine < 0: the increment lowered the forget loss
+
+
 def test_mast_score_is_the_weighted_mean_of_rank_percentiles():
-    rows = [{"name": f"c{i}", "norm_d": 1.0, "update_magnitude": m, "off_principal_energy": e, "coupling": c}
+    rows = [{"name": f"c{i}", "norm_d": 1.0, "update_magnitude": m, "off_principal_normalized": e, "coupling": c}
             for i, (m, e, c) in enumerate([(1, 3, 2), (2, 1, 3), (3, 2, 1)])]
     scores, selected, _ = apply_rule(rows, SelectionSpec(rule="mast", k=1))
     assert scores == pytest.approx([(1 + 3 + 2) / 9, (2 + 1 + 3) / 9, (3 + 2 + 1) / 9])
@@ -87,7 +114,8 @@ def test_all_rules_mark_everything_and_ignore_k(rule):
 
 
 def test_rules_registry_is_complete():
-    assert set(RULES) == {"mast", "off_principal", "magnitude", "coupling", "random", "attention", "full", "null"}
+    assert set(RULES) == {"mast", "off_principal", "off_principal_raw", "magnitude", "coupling", "coupling_signed",
+                          "random", "attention", "full", "null"}
 
 
 # --------------------------------------------------------------------------- inventory and streaming

@@ -41,8 +41,6 @@ def _selection(selected=SELECTED, others=NOT_SELECTED, all_parameters=False) -> 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        if f.name == DELTA_FILE:
-            continue
         with safe_open(str(f), "pt") as g:
             out.update({k: g.get_tensor(k) for k in g.keys()})  # noqa: SIM118
     return out
@@ -104,6 +102,9 @@ def test_outputs_manifest_losses_and_delta(tiny_model, run):
     assert m["final_losses"]["total"] == rows[-1]["total"]
     with safe_open(str(out / DELTA_FILE), "pt") as f:
         assert sorted(f.keys()) == sorted(SELECTED)  # noqa: SIM118
+    # the checkpoint folder's top level holds only the model's weights: vLLM loads every *.safetensors there
+    assert DELTA_FILE == "delta/delta.safetensors" and m["delta"]["file"] == DELTA_FILE
+    assert [f.name for f in out.glob("*.safetensors")] == ["model.safetensors"]
     assert not list(out.parent.glob(".out.*"))  # no temp folders left behind
 
 
