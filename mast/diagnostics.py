@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mast.files import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
+from mast.files import InputError, atomic_dir, check_output_path, read_jsonl, write_json, write_jsonl
 from mast.models import DEFAULT_PATTERNS, check_model_dir
 from mast.selection import _check_forget, default_device, spectral_stats
 
@@ -337,6 +337,7 @@ def format_summary(result: dict) -> str:
 
 
 def cli_diagnose(args) -> int:
+    check_output_path(args.out, kind="dir")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))
     if not forget:
         raise InputError(f"{args.forget}: no problems")

@@ -34,6 +34,7 @@ from mast.config import DecodingSpec, ProbeSpec, SuiteSpec
 from mast.files import (
     InputError,
     cache_root,
+    check_output_path,
     fingerprint_model,
     read_json,
     read_jsonl,
@@ -629,12 +630,15 @@ def score_probe(problems: list[dict], items: list[tuple], continuations: list[st
 def cli_eval(args) -> int:
     """`mast eval --model DIR --suite SUITE.yaml [--backend] [--data-dir] [--limit] --out RESULTS.jsonl`."""
     from mast.config import load_suite
+    from mast.models import check_weights
 
     model = Path(args.model)
     if not model.is_dir() or not (model / "config.json").is_file():
         raise InputError(f"--model {model}: not a checkpoint folder (no config.json)")
+    check_weights(model)
     suite = load_suite(args.suite)
-    if getattr(args, "limit", None):
+    check_output_path(args.out)
+    if getattr(args, "limit", None) is not None:
         if args.limit <= 0:
             raise InputError("--limit: must be > 0")
         suite.limit = args.limit

@@ -35,6 +35,7 @@ from mast.config import SelectionSpec, merge_spec, validate
 from mast.files import (
     InputError,
     cache_root,
+    check_output_path,
     fingerprint_model,
     read_json,
     read_jsonl,
@@ -419,6 +420,7 @@ def format_table(selection: dict) -> str:
 
 def cli_select(args) -> int:
     spec = merge_spec(SelectionSpec, getattr(args, "spec", None), args, ("rule", "k", "rho", "seed"))
+    check_output_path(args.out)
     check_model_dir(args.reference, "--reference")
     check_model_dir(args.target, "--target")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))

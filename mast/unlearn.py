@@ -59,6 +59,7 @@ from mast.config import UnlearnSpec, merge_spec
 from mast.files import (
     InputError,
     atomic_dir,
+    check_output_path,
     fingerprint_model,
     read_json,
     read_jsonl,
@@ -66,6 +67,7 @@ from mast.files import (
     write_json,
     write_jsonl,
 )
+from mast.models import check_weights
 from mast.objectives import forget_loss, kl, nll, retain_scale_for
 from mast.registry import NEEDS_REFERENCE
 
@@ -483,6 +485,10 @@ def cli_unlearn(args) -> int:
     spec = merge_spec(UnlearnSpec, args.spec, args, ("objective", "steps", "lr", "seed"))
     if not Path(args.target).is_dir():
         raise InputError(f"{args.target}: not a checkpoint folder")
+    check_weights(args.target)
+    check_output_path(args.out, kind="dir")
+    if Path(args.out).resolve() == Path(args.target).resolve():
+        raise InputError(f"--out {args.out}: is the --target folder (it would be replaced); pick another")
     selection = read_json(args.selection)
     selection_names(selection, args.selection)
     forget = read_jsonl(args.forget, PROBLEM_FIELDS)
