@@ -630,12 +630,12 @@ def score_probe(problems: list[dict], items: list[tuple], continuations: list[st
 def cli_eval(args) -> int:
     """`mast eval --model DIR --suite SUITE.yaml [--backend] [--data-dir] [--limit] --out RESULTS.jsonl`."""
     from mast.config import load_suite
-    from mast.models import check_weights
+    from mast.models import check_checkpoint
 
     model = Path(args.model)
     if not model.is_dir() or not (model / "config.json").is_file():
         raise InputError(f"--model {model}: not a checkpoint folder (no config.json)")
-    check_weights(model)
+    check_checkpoint(model)
     suite = load_suite(args.suite)
     check_output_path(args.out)
     if getattr(args, "limit", None) is not None:

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mast.files import InputError
+from mast.files import InputError, read_json
 
 DEFAULT_PATTERNS = ("q_proj", "k_proj", "v_proj", "o_proj")
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,7 +41,7 @@ def check_model_dir(model_dir: str | os.PathLike, what: str = "model") -> Path:
         raise InputError(f"{d}: not a checkpoint folder (no config.json)")
     if not (d / INDEX_FILE).is_file() and not any(d.glob("*.safetensors")):
         raise InputError(f"{d}: no *.safetensors weights (only safetensors checkpoints are supported)")
-    check_weights(d)
+    check_checkpoint(d)
     return d
 
 
@@ -62,12 +62,16 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     return [d / name for name in names]
 
 
-def check_weights(model_dir: str | os.PathLike) -> None:
-    """Every safetensors file of the folder is complete (:func:`check_safetensors`), else InputError.
+def check_checkpoint(model_dir: str | os.PathLike) -> None:
+    """The folder's config.json (when present) is a JSON object and every safetensors file is complete.
 
-    Reads only the headers, so it is cheap enough to run before any work; a folder without
+    InputError naming the first bad file (:func:`check_safetensors`). Reads only the config
+    and the headers, so it is cheap enough to run before any work; a folder without
     safetensors files (e.g. `*.bin` weights a loader may still accept) passes.
     """
+    config = Path(model_dir) / "config.json"
+    if config.is_file():
+        read_json(config, expect=dict)
     for path in weight_files(model_dir):
         check_safetensors(path)
 

@@ -67,7 +67,7 @@ from mast.files import (
     write_json,
     write_jsonl,
 )
-from mast.models import check_weights
+from mast.models import check_checkpoint
 from mast.objectives import forget_loss, kl, nll, retain_scale_for
 from mast.registry import NEEDS_REFERENCE
 
@@ -485,7 +485,7 @@ def cli_unlearn(args) -> int:
     spec = merge_spec(UnlearnSpec, args.spec, args, ("objective", "steps", "lr", "seed"))
     if not Path(args.target).is_dir():
         raise InputError(f"{args.target}: not a checkpoint folder")
-    check_weights(args.target)
+    check_checkpoint(args.target)
     check_output_path(args.out, kind="dir")
     if Path(args.out).resolve() == Path(args.target).resolve():
         raise InputError(f"--out {args.out}: is the --target folder (it would be replaced); pick another")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mast.config import SelectionSpec, SweepSpec, UnlearnSpec, load_yaml, validate
-from mast.files import InputError, check_output_path, read_json, read_jsonl
-from mast.models import INDEX_FILE, TensorStore, check_safetensors, check_weights
+from mast.files import InputError, cache_root, check_output_path, read_json, read_jsonl
+from mast.models import INDEX_FILE, TensorStore, check_checkpoint, check_safetensors
 
 GOOD_ROW = {"id": "a", "benchmark": "math", "gold": "1", "response": "\\boxed{1}"}
 
@@ -206,6 +206,13 @@ CASES = {
                                   "fit in the 177-byte file"),
     "eval_garbage_weights": (lambda t: (_checkpoint(t, "model", GARBAGE), _suite(t, "name: x\nbenchmark: math\n"))[1],
                              "model/model.safetensors: not a valid safetensors file"),
+    "eval_config_not_an_object": (
+        lambda t: (_suite(t, "name: x\nbenchmark: math\n"), (t / "model" / "config.json").write_text("[]"))[0],
+        "model/config.json: expected a JSON object, got an array"),
+    "unlearn_config_not_utf8": (
+        lambda t: (_bytes(Path(_checkpoint(t, "tgt")) / "config.json", b'{"model_type": "' + LATIN1 + b'"}'),
+                   _unlearn(t, target=str(t / "tgt")))[1],
+        "tgt/config.json: not UTF-8 text (byte 0xe9 at offset 19)"),
     # numbers: counts > 0, floats finite (NaN passes no bound check, inf passes "> 0")
     "eval_batch_size_zero": (lambda t: _suite(t, "name: x\nbenchmark: math\n", "--batch-size", "0"),
                              "argument --batch-size: must be > 0, got 0"),
@@ -339,6 +346,8 @@ def test_output_paths_are_checked_for_their_kind(tmp_path):
         check_output_path(tmp_path / "file", kind="dir")
     with pytest.raises(InputError, match=r"file is not a folder"):
         check_output_path(tmp_path / "file" / "sub" / "r.jsonl")
+    with pytest.raises(InputError, match=r"^cache folder .*file: exists and is not a folder$"):
+        cache_root(tmp_path / "file")
 
 
 def test_check_safetensors_accepts_real_files_and_names_each_defect(tmp_path):
@@ -381,7 +390,7 @@ def test_sharded_checkpoint_checks_every_listed_shard(tmp_path):
     (ckpt / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": "part-1.safetensors",
                                                               "b.weight": "part-2.safetensors"}}))
     with pytest.raises(InputError, match="part-2.safetensors: not a valid safetensors file .truncated"):
-        check_weights(ckpt)
+        check_checkpoint(ckpt)
     (ckpt / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": "part-3.safetensors"}}))
     with pytest.raises(InputError, match="lists part-3.safetensors, which is missing"):
         TensorStore(ckpt)
