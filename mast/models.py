@@ -63,15 +63,15 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
 
 
 def check_checkpoint(model_dir: str | os.PathLike) -> None:
-    """The folder's config.json (when present) is a JSON object and every safetensors file is complete.
+    """The folder's configs (when present) are JSON objects and every safetensors file is complete.
 
-    InputError naming the first bad file (:func:`check_safetensors`). Reads only the config
+    InputError naming the first bad file (:func:`check_safetensors`). Reads only the configs
     and the headers, so it is cheap enough to run before any work; a folder without
     safetensors files (e.g. `*.bin` weights a loader may still accept) passes.
     """
-    config = Path(model_dir) / "config.json"
-    if config.is_file():
-        read_json(config, expect=dict)
+    for name in ("config.json", "generation_config.json"):
+        if (Path(model_dir) / name).is_file():
+            read_json(Path(model_dir) / name, expect=dict)
     for path in weight_files(model_dir):
         check_safetensors(path)
 
