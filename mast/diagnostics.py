@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mast.files import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
+from mast.files import InputError, atomic_dir, check_output_path, read_jsonl, write_json, write_jsonl
 from mast.models import DEFAULT_PATTERNS, check_model_dir
 from mast.selection import _check_forget, default_device, spectral_stats
 
@@ -339,11 +339,12 @@ def format_summary(result: dict) -> str:
 def cli_diagnose(args) -> int:
     from mast.hub import resolve_model
 
-    for f in ("base", "reference", "target"):  # folders or Hub ids
-        setattr(args, f, resolve_model(getattr(args, f), f"--{f}"))
+    check_output_path(args.out, kind="dir")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))
     if not forget:
         raise InputError(f"{args.forget}: no problems")
+    for f in ("base", "reference", "target"):  # folders or Hub ids
+        setattr(args, f, resolve_model(getattr(args, f), f"--{f}"))
     result = diagnose(args.base, args.reference, args.target, forget, args.out, rho=args.rho,
                       threshold=getattr(args, "threshold", 0.1), template=getattr(args, "template", "qwen_boxed"),
                       max_length=getattr(args, "max_length", 1024), batch_size=getattr(args, "batch_size", 8),
