@@ -85,6 +85,17 @@ HANDLERS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (a count, a size, a limit: 0 must not mean "all")."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {n}")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's usage errors are bad input too: exit 2, one line
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -148,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--suite", required=True, metavar="SUITE.yaml")
     s.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     s.add_argument("--data-dir", metavar="DIR")
-    s.add_argument("--limit", type=int)
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--limit", type=positive_int, help="the suite's first N problems")
+    s.add_argument("--batch-size", type=positive_int)
     s.add_argument("--cache-dir", metavar="DIR")
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--out", required=True, metavar="RESULTS.jsonl")

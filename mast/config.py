@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from mast.files import InputError
+from mast.files import InputError, read_text
 from mast.registry import (
     OBJECTIVE_NAMES,
     RETAIN_SCALES,
@@ -42,9 +42,10 @@ TemplateName = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
 
 
 class Spec(BaseModel):
-    """Base for every spec: unknown fields are errors (a typo must not be silently ignored)."""
+    """Base for every spec: unknown fields are errors (a typo must not be silently ignored), and
+    every float (also inside lists and dicts) is finite: NaN passes no bound check, inf passes `gt`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -392,10 +393,9 @@ def validate(model: type[S], data: Any, source: str) -> S:
 def load_yaml(path: str | os.PathLike, model: type[S]) -> S:
     """Load a YAML file into `model`; every problem is one InputError line naming file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
+    text = read_text(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mast.files import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
+from mast.files import InputError, atomic_dir, check_output_path, read_jsonl, write_json, write_jsonl
 from mast.models import DEFAULT_PATTERNS, check_model_dir
 from mast.selection import _check_forget, default_device, spectral_stats
 
@@ -234,6 +234,37 @@ def plot_off_principal(sft: dict[str, float], rlvr: dict[str, float], rho: float
 # --------------------------------------------------------------------------- orchestration
 
 
+RANKED_SIGNALS = ("off_principal_energy", "off_principal_normalized", "update_magnitude")
+
+
+def projection_ranks(rows: Sequence[dict], signals: Sequence[str] = RANKED_SIGNALS) -> dict:
+    """Where each projection type ranks under each signal, over the moved candidates.
+
+    {signal: {"mean_percentile": {proj: mean rank percentile (1 = top)}, "top_quarter": {proj: share
+    of the top quarter}}}: a signal that ranks by shape puts all of k/v (or q/o) on top.
+    """
+    from mast.signals import rank_percentiles
+
+    moved = [r for r in rows if r["moved"]]
+    out = {}
+    for sig in signals:
+        if not moved:
+            out[sig] = {"mean_percentile": {}, "top_quarter": {}}
+            continue
+        pct = rank_percentiles([r[sig] for r in moved])
+        by_proj: dict[str, list[float]] = {}
+        for r, p in zip(moved, pct, strict=True):
+            by_proj.setdefault(projection_of(r["name"]), []).append(float(p))
+        top = sorted(range(len(moved)), key=lambda i: (-moved[i][sig], moved[i]["name"]))[:max(1, len(moved) // 4)]
+        share: dict[str, float] = {}
+        for i in top:
+            proj = projection_of(moved[i]["name"])
+            share[proj] = share.get(proj, 0.0) + 1.0 / len(top)
+        out[sig] = {"mean_percentile": {k: float(np.mean(v)) for k, v in sorted(by_proj.items())},
+                    "top_quarter": dict(sorted(share.items()))}
+    return out
+
+
 def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: float = 0.05, threshold: float = 0.1,
              template: str = "qwen_boxed", max_length: int = 1024, batch_size: int = 8,
              patterns: Sequence[str] = DEFAULT_PATTERNS, cache_dir=None, device: str | None = None,
@@ -271,8 +302,12 @@ def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: floa
     seq_rl = np.array([d.sum() for d in d_rl])
 
     def signals(stats):
+        from mast.energy import normalized_from_raw
+
         return [{"name": c["name"], "shape": c["shape"], "update_magnitude": c["update_magnitude"],
-                 "off_principal_energy": c["off_principal_energy"], "moved": c["norm_d"] > 0}
+                 "off_principal_energy": c["off_principal_energy"],
+                 "off_principal_normalized": normalized_from_raw(c["off_principal_energy"], c["shape"], c["r"]),
+                 "moved": c["norm_d"] > 0}
                 for c in stats["candidates"]]
 
     sft_rows, rl_rows = signals(sft_spec), signals(rl_spec)
@@ -299,6 +334,7 @@ def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: floa
                      "mean_off_principal_energy": mean_of(rl_rows, "off_principal_energy"),
                      "candidates": rl_rows},
         },
+        "projection_ranks": {"sft": projection_ranks(sft_rows), "rlvr": projection_ranks(rl_rows)},
         "energy_curves": {"rho": grid, "reference": curves,
                           "mean_at_rho": float(np.mean([c[idx] for c in curves.values()])) if curves else None},
         "figures": ["delta_logprob_hist.png", "energy_curves.png", "off_principal.png"],
@@ -333,17 +369,23 @@ def format_summary(result: dict) -> str:
                  f"{fmt(wr['mean_update_magnitude'], '>16.3e')}")
     lines.append(f"{'mean off-principal energy':<26}{fmt(ws['mean_off_principal_energy'], '>14.4f')}"
                  f"{fmt(wr['mean_off_principal_energy'], '>16.4f')}")
+    ranks = result.get("projection_ranks", {}).get("rlvr", {})
+    if ranks:
+        lines.append("RLVR increment, share of the top quarter by projection type:")
+        for sig, r in ranks.items():
+            lines.append(f"  {sig:<26}" + "  ".join(f"{p} {v:.2f}" for p, v in r["top_quarter"].items()))
     return "\n".join(lines)
 
 
 def cli_diagnose(args) -> int:
     from mast.hub import resolve_model
 
-    for f in ("base", "reference", "target"):  # folders or Hub ids
-        setattr(args, f, resolve_model(getattr(args, f), f"--{f}"))
+    check_output_path(args.out, kind="dir")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))
     if not forget:
         raise InputError(f"{args.forget}: no problems")
+    for f in ("base", "reference", "target"):  # folders or Hub ids
+        setattr(args, f, resolve_model(getattr(args, f), f"--{f}"))
     result = diagnose(args.base, args.reference, args.target, forget, args.out, rho=args.rho,
                       threshold=getattr(args, "threshold", 0.1), template=getattr(args, "template", "qwen_boxed"),
                       max_length=getattr(args, "max_length", 1024), batch_size=getattr(args, "batch_size", 8),

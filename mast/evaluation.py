@@ -41,6 +41,7 @@ from mast.config import DecodingSpec, ProbeSpec, SuiteSpec
 from mast.files import (
     InputError,
     cache_root,
+    check_output_path,
     fingerprint_model,
     read_json,
     read_jsonl,
@@ -827,7 +828,8 @@ def cli_eval(args) -> int:
 
     suite = load_suite(args.suite)
     model = Path(resolve_model(args.model, "--model"))  # a folder or a Hub id (offline from the cache)
-    if getattr(args, "limit", None):
+    check_output_path(args.out)
+    if getattr(args, "limit", None) is not None:
         if args.limit <= 0:
             raise InputError("--limit: must be > 0")
         suite.limit = args.limit

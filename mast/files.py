@@ -22,38 +22,80 @@ class InputError(Exception):
     """Bad user input. The CLI prints the message (one line) and exits with status 2."""
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The whole file as UTF-8 text; InputError naming the file when it is missing or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'file not found'}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:
     """Rows of a JSONL file; blank lines are skipped, each row must be an object with `required`."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
     required = tuple(required)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise InputError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+    # split on "\n" only: splitlines() would also split at a U+2028 inside a JSON string
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise InputError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
+    """A JSON file's value; with `expect` (e.g. dict) anything else is an InputError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    if expect is not None and not isinstance(value, expect):
+        want = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
+        raise InputError(f"{path}: expected {want}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (for messages)."""
+    for t, name in ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"),
+                    (int, "a number"), (float, "a number")):
+        if isinstance(value, t):
+            return name
+    return "null"
+
+
+def check_output_path(path: str | os.PathLike, flag: str = "--out", kind: str = "file") -> Path:
+    """`path` as a Path, refused up front when it cannot be written as a `kind` ("file" or "dir").
+
+    Checked before any work starts: an existing path of the other kind, or a parent that is a
+    file, would otherwise fail only when the result is written (after the work) or, for a
+    folder, silently replace a file.
+    """
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory (expected a file path)")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: exists and is not a folder")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is not a folder")
+    return path
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -157,6 +199,7 @@ _FINGERPRINTS: dict = {}
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where content-addressed caches live: `cache_dir`, else $MAST_CACHE, else ~/.cache/mast."""
-    root = Path(cache_dir or os.environ.get("MAST_CACHE") or Path.home() / ".cache" / "mast")
+    root = check_output_path(cache_dir or os.environ.get("MAST_CACHE") or Path.home() / ".cache" / "mast",
+                             "cache folder", "dir")
     root.mkdir(parents=True, exist_ok=True)
     return root

@@ -43,7 +43,7 @@ from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from mast.files import InputError, write_jsonl
+from mast.files import InputError, read_text, write_jsonl
 
 BENCHMARKS = ("math", "gsm8k")
 log = logging.getLogger(__name__)
@@ -723,18 +723,6 @@ def _gold_problem(gold) -> str | None:
     return None
 
 
-def _utf8_lines(path: Path) -> list[str]:
-    """The lines of `path` as UTF-8 text; InputError naming the file and line if it is not."""
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
-
-
 def cli_grade(args) -> int:
     """`mast grade IN.jsonl [--out OUT.jsonl]`: rows + extracted, correct; accuracy on stderr.
 
@@ -756,7 +744,7 @@ def cli_grade(args) -> int:
             raise InputError(f"--out {out}: {parent} is not a directory")
     path = Path(args.input)
     rows = []
-    for lineno, line in enumerate(_utf8_lines(path), 1):
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

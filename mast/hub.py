@@ -46,6 +46,9 @@ def check_checkpoint_dir(path: str | os.PathLike, field: str) -> Path:
         raise InputError(f"{field}: {path}: folder not found")
     if not (p / "config.json").is_file():
         raise InputError(f"{field}: {path}: not a checkpoint folder (no config.json)")
+    from mast.models import check_checkpoint
+
+    check_checkpoint(p)  # configs are JSON objects, every safetensors file complete (headers only)
     return p.resolve()
 
 

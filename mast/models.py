@@ -26,17 +26,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mast.files import InputError
+from mast.files import InputError, read_json
 
 DEFAULT_PATTERNS = ("q_proj", "k_proj", "v_proj", "o_proj")
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def check_model_dir(model_dir: str | os.PathLike, what: str = "model") -> Path:
-    """The folder as a Path, or InputError naming it (missing, or no config / safetensors).
+    """The folder as a Path, or InputError naming it (missing, no config / safetensors, broken weights).
 
-    The folder / config.json part is :func:`mast.hub.check_checkpoint_dir` (the one model-folder
-    check); the commands resolve Hub ids with :func:`mast.hub.resolve_model` before this.
+    The folder / config.json / weights part is :func:`mast.hub.check_checkpoint_dir` (the one
+    model-folder check); the commands resolve Hub ids with :func:`mast.hub.resolve_model` before this.
     """
     from mast.hub import check_checkpoint_dir
 
@@ -47,15 +47,98 @@ def check_model_dir(model_dir: str | os.PathLike, what: str = "model") -> Path:
     return d
 
 
-def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: {key: {"dtype", "shape", "data_offsets"}} (no tensor data read)."""
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder: the shards its index lists, else every *.safetensors."""
+    d = Path(model_dir)
+    index = d / INDEX_FILE
+    if not index.is_file():
+        return sorted(d.glob("*.safetensors"))
     try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{index}: invalid index (expected a 'weight_map' object)") from None
+    for name in names:
+        if not isinstance(name, str) or not (d / name).is_file():
+            raise InputError(f"{index}: lists {name}, which is missing")
+    return [d / name for name in names]
+
+
+def check_checkpoint(model_dir: str | os.PathLike) -> None:
+    """The folder's configs (when present) are JSON objects and every safetensors file is complete.
+
+    InputError naming the first bad file (:func:`check_safetensors`). Reads only the configs
+    and the headers, so it is cheap enough to run before any work; a folder without
+    safetensors files (e.g. `*.bin` weights a loader may still accept) passes.
+    """
+    for name in ("config.json", "generation_config.json"):
+        if (Path(model_dir) / name).is_file():
+            read_json(Path(model_dir) / name, expect=dict)
+    for path in weight_files(model_dir):
+        check_safetensors(path)
+
+
+# bytes per element of the safetensors dtypes
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors(path: str | os.PathLike) -> dict:
+    """The header {key: {"dtype", "shape", "data_offsets"}} of a complete safetensors file, else InputError.
+
+    Layout: an 8-byte little-endian header length N, N bytes of JSON header, then the data;
+    each tensor's `data_offsets` [begin, end) are relative to the data, hold shape-product x
+    dtype-size bytes, and the tensors tile the data exactly (what `safe_open` requires). Only
+    the header is read, and N is checked against the file size first (a garbage N must not
+    become a huge read: "MemoryError").
+    """
+    path = Path(path)
+
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: not a valid safetensors file ({why})")
+
+    try:
+        size = path.stat().st_size
         with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > size - 8:
+                raise bad(f"a {n}-byte header does not fit in the {size}-byte file: truncated, or not safetensors")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("the header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
     header.pop("__metadata__", None)
+    spans = []
+    for key, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(x) for x in info["shape"]], info["data_offsets"]
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {key!r} has no valid dtype/shape/data_offsets") from None
+        numel = 1
+        for x in shape:
+            numel *= x
+        if dtype in _DTYPE_BYTES and end - begin != numel * _DTYPE_BYTES[dtype]:
+            raise bad(f"tensor {key!r}: {end - begin} bytes for {dtype} {shape}")
+        spans.append((begin, end, key))
+    data = size - 8 - n
+    pos = 0
+    for begin, end, key in sorted(spans):
+        if begin != pos:
+            raise bad(f"tensor {key!r} starts at byte {begin}, expected {pos}")
+        pos = end
+    if pos != data:
+        why = "truncated" if pos > data else "trailing bytes"
+        raise bad(f"{why}: the tensors need {pos} bytes of data, the file has {data}")
     return header
 
 
@@ -68,22 +151,10 @@ class TensorStore:
 
     def __init__(self, model_dir: str | os.PathLike):
         self.dir = check_model_dir(model_dir)
-        index = self.dir / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f"{index}: invalid index (expected a 'weight_map' object)") from None
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
         self.files: dict[str, Path] = {}
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for fname in files:
-            path = self.dir / fname
-            if not path.is_file():
-                raise InputError(f"{index}: lists {fname}, which is missing")
-            for key, info in _read_header(path).items():
+        for path in weight_files(self.dir):
+            for key, info in check_safetensors(path).items():
                 self.files[key] = path
                 self.meta[key] = (info["dtype"], tuple(info["shape"]))
 

@@ -36,6 +36,7 @@ from mast.energy import normalized_from_raw
 from mast.files import (
     InputError,
     cache_root,
+    check_output_path,
     fingerprint_model,
     read_json,
     read_jsonl,
@@ -450,6 +451,7 @@ def cli_select(args) -> int:
     from mast.hub import resolve_model
 
     spec = merge_spec(SelectionSpec, getattr(args, "spec", None), args, ("rule", "k", "rho", "seed"))
+    check_output_path(args.out)
     args.reference = resolve_model(args.reference, "--reference")  # a folder or a Hub id
     args.target = resolve_model(args.target, "--target")
     check_model_dir(args.reference, "--reference")

@@ -40,7 +40,6 @@ Greedy accuracies of every stage on held-out problems are measured with
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -508,10 +507,7 @@ def is_finished(out: str | os.PathLike, seed: int) -> bool:
     marker = out / SUMMARY
     if not marker.is_file():
         return False
-    try:
-        summary = json.loads(marker.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return False
+    summary = read_json(marker, expect=dict)
     return (summary.get("seed") == seed and summary.get("format_version") == FORMAT_VERSION
             and all((out / s / "config.json").is_file() for s in ("base", "sft", "rlvr")))
 

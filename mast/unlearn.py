@@ -66,6 +66,7 @@ from mast.config import UnlearnSpec, merge_spec
 from mast.files import (
     InputError,
     atomic_dir,
+    check_output_path,
     fingerprint_model,
     read_json,
     read_jsonl,
@@ -534,6 +535,9 @@ def cli_unlearn(args) -> int:
         raise InputError(f"{args.spec}: stop: `mast unlearn` has no stop check (it needs forget-validation "
                          "problems); use it in a sweep, or remove it and set steps")
     args.target = resolve_model(args.target, "--target")  # a folder or a Hub id
+    check_output_path(args.out, kind="dir")
+    if Path(args.out).resolve() == Path(args.target).resolve():
+        raise InputError(f"--out {args.out}: is the --target folder (it would be replaced); pick another")
     selection = read_json(args.selection)
     selection_names(selection, args.selection)
     forget = read_jsonl(args.forget, PROBLEM_FIELDS)

@@ -89,3 +89,19 @@ def test_cli_diagnose_bad_inputs(triple, problems, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err
     assert not out.exists()
+
+
+def test_projection_ranks_show_a_shape_biased_signal():
+    """A signal that puts every k/v above every q/o gives k/v the whole top quarter and the top percentiles."""
+    from mast.diagnostics import projection_ranks
+
+    rows = []
+    for layer in range(4):
+        for proj, value in (("q_proj", 0.1), ("k_proj", 0.9), ("v_proj", 0.8), ("o_proj", 0.2)):
+            rows.append({"name": f"model.layers.{layer}.self_attn.{proj}.weight", "moved": True,
+                         "sig": value + 0.01 * layer})
+    rows.append({"name": "model.layers.9.self_attn.q_proj.weight", "moved": False, "sig": 99.0})  # never counted
+    r = projection_ranks(rows, ["sig"])["sig"]
+    assert set(r["top_quarter"]) == {"k_proj"} and r["top_quarter"]["k_proj"] == pytest.approx(1.0)
+    assert r["mean_percentile"]["k_proj"] > r["mean_percentile"]["v_proj"] > r["mean_percentile"]["o_proj"] \
+        > r["mean_percentile"]["q_proj"]

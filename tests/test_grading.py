@@ -297,7 +297,7 @@ GRADE_BAD = {
     "gold_null": ([{**GOOD, "gold": None}], [], "in.jsonl:1: gold: expected a string or a number, got null"),
     "gold_nan": ([b'{"id": "a", "benchmark": "math", "gold": NaN, "response": "1"}\n'], [], "in.jsonl:1: gold: expected a finite number"),
     "not_utf8": ([GOOD, b'{"id": "b", "benchmark": "math", "gold": "1", "response": "\xff\xfe"}\n'], [],
-                 "in.jsonl:2: not UTF-8 text (byte 0xff)"),
+                 "in.jsonl: not UTF-8 text (byte 0xff at offset"),
     "out_is_a_directory": ([GOOD], ["--out", "{tmp}"], "is a directory"),
     "out_under_a_file": ([GOOD], ["--out", "{tmp}/in.jsonl/out.jsonl"], "in.jsonl is not a directory"),
 }
