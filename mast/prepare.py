@@ -438,6 +438,17 @@ def _selection_statistics(spec: SweepSpec, src: Sources, generated: list[dict] |
                        sel.max_length, sel.coupling_batch_size)
 
 
+def first_correct_response(record: dict) -> str | None:
+    """The target's first correct answer to a problem: sample 0 when right, else the first right one
+    of its other samples (n > 1); None when it solved it in no sample."""
+    if record.get("correct"):
+        return record["response"]
+    for sample in record.get("samples") or []:
+        if sample.get("correct"):
+            return sample["response"]
+    return None
+
+
 def _generated_texts(src: Sources, suites: dict[str, Suite], baseline: dict[str, list[dict]], backend,
                      template: str, sd: SweepDir) -> list[dict]:
     """Forget texts = the target's own correct greedy generation (reference solution otherwise)."""
@@ -454,7 +465,8 @@ def _generated_texts(src: Sources, suites: dict[str, Suite], baseline: dict[str,
                            cache_dir=sd.eval_cache).records
     out = []
     for p, r in zip(src.forget_texts, records):
-        out.append({**p, "solution": r["response"], "text_source": "target"} if r["correct"]
+        response = first_correct_response(r)
+        out.append({**p, "solution": response, "text_source": "target"} if response is not None
                    else {**p, "text_source": "reference"})
     _log(f"generated forget texts: {sum(o['text_source'] == 'target' for o in out)}/{len(out)} from the target")
     return out

@@ -342,7 +342,9 @@ _PRIMARY_NAME = {"ttest": "paired t-test", "wilcoxon": "exact Wilcoxon signed-ra
 def _per_trial(doc: Doc, ok: list[dict], suites: list[str]) -> None:
     doc.h(2, "Every trial")
     doc.p("Each trial against the target's per-problem results: correct before → after on each suite, "
-          "exact McNemar p, and Δ in points with the paired bootstrap interval.")
+          "exact McNemar p, and Δ in points with the paired bootstrap interval; with several samples per "
+          "problem also the avg@n delta and its paired permutation p (primary), and the share of answers "
+          "cut at the token limit when any were.")
     rows = []
     order = sorted(ok, key=lambda t: (stats.sort_key(stats.condition_config(t["config"])),
                                       stats.seed_sort(t["config"].get("seed"))))
@@ -355,8 +357,14 @@ def _per_trial(doc: Doc, ok: list[dict], suites: list[str]) -> None:
             if not m:
                 row.append("–")
                 continue
-            row.append(f"{_count(m['acc_before'], m['n'])}/{m['n']} → {_count(m['acc_after'], m['n'])}/{m['n']}; "
-                       f"p={fmt_p(m['p_value'])}; {fmt_pp(m['delta'])} {fmt_ci(m['ci_low'], m['ci_high'])}")
+            cell = (f"{_count(m['acc_before'], m['n'])}/{m['n']} → {_count(m['acc_after'], m['n'])}/{m['n']}; "
+                    f"p={fmt_p(m['p_value'])}; {fmt_pp(m['delta'])} {fmt_ci(m['ci_low'], m['ci_high'])}")
+            if m.get("samples_test"):
+                st = m["samples_test"]
+                cell += f"; avg@{st['n_samples']} {fmt_pp(st['delta'])} p={fmt_p(st['p_value'])}"
+            if m.get("truncated_rate"):
+                cell += f"; truncated {100 * m['truncated_rate']:.1f}%"
+            row.append(cell)
         rows.append(row)
     doc.table(["trial", "condition", "seed"] + suites, rows)
 

@@ -101,6 +101,11 @@ def trial_metrics(row: dict) -> dict[str, float]:
         out[f"{suite}/right_to_wrong"] = float(m["right_to_wrong"])
         out[f"{suite}/wrong_to_right"] = float(m["wrong_to_right"])
         out[f"{suite}/n"] = float(m["n"])
+        if m.get("truncated_rate") is not None:
+            out[f"{suite}/truncated_rate"] = float(m["truncated_rate"])
+        if m.get("samples_test"):
+            out[f"{suite}/samples_p"] = float(m["samples_test"]["p_value"])
+            out[f"{suite}/accuracy_avg_n"] = float(m["samples_test"]["acc_after"])
     for suite, f in (row.get("sft_floor") or {}).items():
         out[f"{suite}/reference_accuracy"] = float(f["reference_acc"])
         out[f"{suite}/below_reference"] = float(bool(f["below_reference"]))

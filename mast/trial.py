@@ -58,6 +58,7 @@ class TrialContext:
     backend_options: dict
     keep_checkpoints: bool
     report_each_suite: bool  # ASHA: an intermediate result after each suite
+    gpu: float = 0.0  # resources.gpu: > 0 requires CUDA in the trial
 
     @classmethod
     def build(cls, spec, sd: SweepDir, prepared: Prepared, trials: list[Trial], tracker, parent_run_id: str
@@ -77,7 +78,8 @@ class TrialContext:
             selection_cache=prepared.selection_cache, backend=spec.evaluation.backend,
             batch_size=spec.evaluation.batch_size, n_bootstrap=spec.evaluation.n_bootstrap,
             confidence=spec.evaluation.confidence, backend_options=backend_options(spec),
-            keep_checkpoints=spec.keep_checkpoints, report_each_suite=spec.scheduler.kind == "asha")
+            keep_checkpoints=spec.keep_checkpoints, report_each_suite=spec.scheduler.kind == "asha",
+            gpu=spec.resources.gpu)
 
 
 def load_baseline(sd: SweepDir, suites: list[str]) -> dict[str, list[dict]]:
@@ -173,6 +175,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """
     from ray import tune
 
+    from mast.resources import require_cuda
+
     trial = ctx.trials[config["point"]["trial_id"]]
     td = ctx.sweep.trial(trial.trial_id)
     tracker = ctx.tracker
@@ -183,6 +187,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             log_trial_to_mlflow(tracker, row.mlflow_run_id, row, td, ctx.baseline)
         tune.report(report_metrics(row, cached=True))
         return
+    require_cuda(ctx.gpu)  # a GPU trial on a node whose torch cannot see CUDA fails loudly, never on the CPU
     td.root.mkdir(parents=True, exist_ok=True)
     run_id = tracker.trial_run(ctx.parent_run_id, trial.trial_id, trial_params(trial))
     try:
@@ -249,8 +254,8 @@ def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row:
     """3. evaluate every suite on `model_dir` (fresh backend, evaluation cache bypassed, the trial's own
     sampling seed: prepare.trial_run), 4. paired tests vs the cached baseline and the SFT floor, into
     `row` (per-problem results in `td`)."""
-    from mast.evaluation import evaluate, make_backend
-    from mast.stats import mcnemar_test
+    from mast.evaluation import evaluate, make_backend, truncated_rate
+    from mast.stats import mcnemar_test, paired_sample_tests
 
     backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
     try:
@@ -261,6 +266,11 @@ def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row:
             write_jsonl(td.results(name), ev.records)
             m = mcnemar_test(ctx.baseline[name], ev.records, n_bootstrap=ctx.n_bootstrap,
                              confidence=ctx.confidence, seed=0)
+            rate = truncated_rate(ev.records)
+            if rate is not None:
+                m["truncated_rate"] = rate  # answers cut at max_tokens: never silently "wrong"
+            if any(len(r.get("samples") or ()) > 1 for r in ev.records):
+                m["samples_test"] = paired_sample_tests(ctx.baseline[name], ev.records)  # n > 1: avg@n, primary
             row.suites[name] = m
             if name in ctx.rl_gain and name in ctx.reference_results:
                 vs_ref = mcnemar_test(ctx.reference_results[name], ev.records, n_bootstrap=1,
