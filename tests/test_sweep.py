@@ -450,7 +450,7 @@ def _child_runs(uri: str, exp_id: str):
 def test_sweep_on_toy_with_ray_and_mlflow(tmp_path, toy_dir, capsys):
     import ray
 
-    from mast.stats import seed_level_table
+    from mast.seeds import seed_level_table
     from mast.sweep import run_sweep
 
     out = tmp_path / "sweep"
