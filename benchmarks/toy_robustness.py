@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +81,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="folder for the builds (default: a temporary folder)")
     ap.add_argument("--force", action="store_true", help="rebuild even where a finished build exists")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="builds at once (each is single-threaded; build seconds then include the sharing)")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="toy-robustness-"))
     with open("/proc/loadavg") as fh:
         print(f"# builds in {out}; load average at start: {fh.read().split()[:3]}", flush=True)
     print("# gain: RLVR - SFT on the same forget_eval problems, paired, 95% cluster-robust t CI over "
           "operand pairs", flush=True)
-    print(HEADER, flush=True)
     rows = []
     t0 = time.time()
-    for seed in args.seeds:
-        for kernel in args.kernels:
-            r = row(seed, kernel, build(out / f"s{seed}-{kernel}", seed, kernel, args.force))
-            rows.append(r)
-            print(fmt(r), flush=True)
+    todo = [(seed, kernel) for seed in args.seeds for kernel in args.kernels]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(build, out / f"s{seed}-{kernel}", seed, kernel, args.force): (seed, kernel)
+                   for seed, kernel in todo}
+        done = {}
+        for fut in as_completed(futures):
+            done[futures[fut]] = fut.result()
+            print(f"# done: seed {futures[fut][0]} kernel {futures[fut][1]} ({time.time() - t0:.0f}s)", flush=True)
+    print(HEADER, flush=True)
+    for seed, kernel in todo:
+        r = row(seed, kernel, done[(seed, kernel)])
+        rows.append(r)
+        print(fmt(r), flush=True)
     with open("/proc/loadavg") as fh:
         print(f"# {len(rows)} builds, {sum(r['ok'] for r in rows)} ok, {time.time() - t0:.0f}s wall; "
               f"load average at end: {fh.read().split()[:3]}", flush=True)

@@ -6,28 +6,38 @@ The task is procedurally generated arithmetic in the MATH/GSM8K style (answers i
 - **retain** (``add``): two-digit addition worked column by column,
   ``What is 37 + 45?`` -> ``7+5=12 / 3+4+1=8 / so 37+45=82. / \\boxed{82}`` (lines);
 - **forget** (``mul``): two-digit times one-digit multiplication worked column by column,
-  ``What is 37 * 6?`` -> ``7*6=42 / 3*6=18 / 18+4=22 / so 37*6=222. / \\boxed{222}``, over the
-  520 products whose carry step does not overflow the tens digit (:func:`no_overflow`).
+  asked in both orders, ``What is 37 * 6?`` / ``What is 6 * 37?`` ->
+  ``7*6=42 / 3*6=18 / 18+4=22 / so 37*6=222. / \\boxed{222}``, over the 520 operand pairs whose
+  carry step does not overflow the tens digit (:func:`no_overflow`): 1040 problems, ~3/4 with a
+  carry.
+
+Splits (:func:`generate_task`): per skill, a test set (``*_eval``, 200; the suites ``forget`` /
+``retain``), a validation set (``*_val``, 200; suites ``forget_val`` / ``retain_val``), the
+unlearning texts (``forget`` / ``retain``, 64) and the training pool (``*_train``), pairwise
+disjoint by operand pair (a commuted twin never crosses splits).
 
 Stages, all on a Qwen2 model from ``transformers`` (real ``q/k/v/o_proj`` tensors) with a BPE
 tokenizer trained here (Qwen2's pre-tokenizer: one token per digit; ChatML chat template):
 
 1. **base**: causal-LM pretraining on packed task text (user turn + answer in ChatML, no
-   system instruction): two-digit additions and one-digit times/plus tables and ``tens+carry``
-   facts, but no two-digit multiplication;
+   system instruction): two-digit additions, one-digit times/plus tables, ``tens+carry`` facts
+   and careful worked multiplications of forget_train (the latent skill RL will elicit);
 2. **SFT**: prompt -> solution in the chat format of :mod:`mast.prompts` (loss on completion
    tokens only), retain problems plus forget problems written by a *sloppy teacher* that drops
-   the carry in half of its multiplications (:func:`careless_mul_solution`), so the SFT model
-   knows the careful method but often skips the carry: partly competent on the forget skill;
-3. **RLVR**: a compact GRPO loop on forget problems: G sampled completions per prompt, reward
-   = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
+   the carry in 70% of its multiplications (:func:`careless_mul_solution`), so the SFT model
+   skips the carry under greedy decoding (forget accuracy ~ the no-carry share) but keeps it
+   in a fraction of its samples: a systematic failure that the reward can repair;
+3. **RLVR**: a compact GRPO loop on forget_train problems: G sampled completions per prompt,
+   reward = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
    ``A_i = (r_i - mean(r)) / (std(r) + eps)``, loss
    ``-sum_t A_i log pi(y_t) / T + beta * KL_k3(pi || pi_sft)``, with
    ``KL_k3 = exp(q - p) - (q - p) - 1`` per token (``p``/``q``: policy/SFT log-probs).
-   The reward teaches the model to always carry. TRL's ``GRPOTrainer`` (not installed; built
-   for vLLM/GPU generation and large batches) is far too heavy for a few-minute CPU build, so
-   the loop is written out here (one on-policy update per batch: the PPO ratio is 1 and
-   clipping is a no-op).
+   The reward teaches the model to always carry: the carry branch's probability goes from
+   ~0.3 to ~0.95 within ~10 steps, far from the greedy tie at 0.5, so the gain does not hinge
+   on float rounding (``benchmarks/toy_robustness.py`` checks seeds x CPU kernels).
+   TRL's ``GRPOTrainer`` (not installed; built for vLLM/GPU generation and large batches) is
+   far too heavy for a few-minute CPU build, so the loop is written out here (one on-policy
+   update per batch: the PPO ratio is 1 and clipping is a no-op).
 
 Training runs on one torch thread (``ToyConfig.threads``) with deterministic algorithms and
 fixed seeds, so the same seed gives the same weights and numbers.
@@ -239,16 +249,16 @@ class ToyConfig:
     base_batch: int = 8
     base_seq_len: int = 128
     base_lr: float = 1e-3
-    base_fact_frac: float = 0.35
+    base_fact_frac: float = 0.3
     base_addfact_frac: float = 0.1
-    base_carryadd_frac: float = 0.2
-    base_mul_frac: float = 0.0
+    base_carryadd_frac: float = 0.15
+    base_mul_frac: float = 0.15  # careful worked multiplications (forget_train): the latent skill
     # sft: chat format, completion-only loss
-    sft_steps: int = 120
+    sft_steps: int = 240
     sft_batch: int = 32
     sft_lr: float = 1e-3
-    sft_forget_frac: float = 0.4
-    sft_careless_frac: float = 0.5
+    sft_forget_frac: float = 0.5
+    sft_careless_frac: float = 0.7  # greedy SFT drops the carry; sampling keeps it ~30% of the time
     # rlvr: GRPO
     rl_steps: int = 40
     rl_prompts: int = 8
