@@ -5,7 +5,8 @@ each in its own subprocess (the capability is read once, when torch loads; diffe
 settings select different vectorised kernels and so stand in for another machine's
 rounding), and prints one row per build:
 
-    seed  kernel  SFT forget  RLVR forget  gain [95% CI]  retain (RLVR)  reward first->last  seconds
+    seed  kernel  SFT forget  RLVR forget  gain [95% CI]  SFT retain  RLVR retain  reward first->last
+    build wall seconds  build CPU seconds (~ wall on an idle machine: one torch thread)
 
 The gain is RLVR - SFT greedy accuracy on the same held-out ``forget_eval`` problems: a
 *paired* difference, with a cluster-robust t interval over operand pairs (``a * b`` and
@@ -58,7 +59,7 @@ def row(seed: int, kernel: str, s: dict) -> dict:
     return {"seed": seed, "kernel": kernel, "sft_forget": s["sft"]["forget"], "rlvr_forget": s["rlvr"]["forget"],
             "gain": g["gain"], "ci_low": g["low"], "ci_high": g["high"], "sft_retain": s["sft"]["retain"],
             "retain": s["rlvr"]["retain"], "reward_first": sum(rewards[:k]) / k, "reward_last": sum(rewards[-k:]) / k,
-            "seconds": s["seconds"],
+            "seconds": s["seconds"], "cpu_seconds": s.get("cpu_seconds", float("nan")),
             "ok": g["gain"] >= 0.15 and g["low"] > 0.05 and s["rlvr"]["retain"] >= 0.90}
 
 
@@ -66,11 +67,11 @@ def fmt(r: dict) -> str:
     return (f"{r['seed']:>4}  {r['kernel']:<8} {r['sft_forget']:>10.3f} {r['rlvr_forget']:>11.3f}  "
             f"{100 * r['gain']:+6.1f} [{100 * r['ci_low']:+5.1f}, {100 * r['ci_high']:+5.1f}]  "
             f"{r['sft_retain']:>6.3f} {r['retain']:>6.3f}  {r['reward_first']:.2f}->{r['reward_last']:.2f}  "
-            f"{r['seconds']:>7.0f}  {'ok' if r['ok'] else 'FAIL'}")
+            f"{r['seconds']:>7.0f} {r['cpu_seconds']:>7.0f}  {'ok' if r['ok'] else 'FAIL'}")
 
 
 HEADER = (f"{'seed':>4}  {'kernel':<8} {'SFT forget':>10} {'RLVR forget':>11}  {'gain pts [95% CI]':<22}  "
-          f"{'SFT rt':>6} {'retain':>6}  {'reward':<10}  {'seconds':>7}  verdict")
+          f"{'SFT rt':>6} {'retain':>6}  {'reward':<10}  {'wall s':>7} {'cpu s':>7}  verdict")
 
 
 def main(argv: list[str] | None = None) -> int:

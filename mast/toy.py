@@ -641,7 +641,7 @@ def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config
         return read_json(out / SUMMARY)
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file() and not force:
         raise InputError(f"{out}: folder exists and is not a toy build; pick another OUT or pass --force")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     prev_threads = torch.get_num_threads()
     prev_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     times: dict[str, float] = {}
@@ -691,6 +691,8 @@ def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config
                 "seed": seed,
                 "format_version": FORMAT_VERSION,
                 "seconds": round(time.perf_counter() - t0, 1),
+                # CPU seconds of this process: ~ the wall time on an idle machine (one torch thread)
+                "cpu_seconds": round(time.process_time() - cpu0, 1),
                 "stage_seconds": {k: round(v, 1) for k, v in times.items()},
                 "forget_skill": FORGET_SKILL,
                 "retain_skill": RETAIN_SKILL,
