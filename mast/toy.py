@@ -719,6 +719,8 @@ def cli_toy(args) -> int:
     print(f"toy (seed {args.seed}) {what}: {out}")
     for stage in ("base", "sft", "rlvr"):
         print(f"  {stage:5s} forget {summary[stage]['forget']:.2f}  retain {summary[stage]['retain']:.2f}")
+    g = summary["rl_gain"]
+    print(f"  RL gain on forget {100 * g['gain']:+.1f} points (95% CI {100 * g['low']:+.1f} to {100 * g['high']:+.1f})")
     return 0
 
 
