@@ -82,6 +82,8 @@ def test_splits_are_large_disjoint_and_deterministic_by_seed():
     assert {p["skill"] for p in t0["retain"] + t0["retain_eval"] + t0["retain_val"]} == {RETAIN_SKILL}
     # most forget test problems carry: the sloppy teacher's failure is what RL can repair
     assert sum(has_carry(p) for p in t0["forget_eval"]) >= 0.6 * len(t0["forget_eval"])
+    with pytest.raises(ValueError, match="fewer training problems"):
+        generate_task(0, n_eval=400, n_val=400)  # the 1040 multiplications cannot hold that
 
 
 def test_paired_gain_ci_is_the_paired_t_interval_and_widens_for_clustered_twins():
