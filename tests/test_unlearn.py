@@ -263,12 +263,13 @@ def test_gpu_bf16_checkpoint_keeps_frozen_bits_and_dtype(tiny_model, problems, t
 
 # --------------------------------------------------------------------------- the toy (slow)
 
-# Toy unlearning settings = sweeps/demo.yaml's lr/steps, with the retain NLL on NPO's scale
-# (retain_scale "match"). Seed-0 toy, forget/retain accuracy 0.61/1.00 before; after, mast k8:
-# 0.38/1.00 (random k8 0.47/1.00, full 0.10/0.77; token-scale retain: mast k8 0.25/0.78).
-TOY_K = 8
-TOY_SPEC = {"objective": "npo", "lr": 3e-5, "steps": 20, "batch_size": 8, "retain": "nll", "alpha": 1.0,
-            "retain_scale": "match", "seed": 0}
+# Toy unlearning: mast top-4, NPO with the token-mean retain NLL (the default retain_scale), lr 3e-5,
+# 20 steps. Scored on the VALIDATION suites (forget_val / retain_val), never on the reported test
+# suites. Seed-0 toy (native and ATEN_CPU_CAPABILITY=default kernels alike): forget_val 0.92 -> 0.555,
+# retain_val 0.97 -> 0.94; the assertions keep wide margins (drop >= 0.15 vs 0.365 measured,
+# retain drop <= 0.10 vs 0.03) so they hold on another machine's toy build.
+TOY_K = 4
+TOY_SPEC = {"objective": "npo", "lr": 3e-5, "steps": 20, "batch_size": 8, "retain": "nll", "alpha": 1.0, "seed": 0}
 
 
 @pytest.mark.slow
@@ -281,7 +282,7 @@ def test_toy_mast_topk_npo_forgets_the_forget_skill_and_keeps_the_retain_skill(t
     toy = toy_dir
 
     forget, retain = read_jsonl(toy / "data" / "forget.jsonl"), read_jsonl(toy / "data" / "retain.jsonl")
-    suites = {n: load_suite(toy / "suites" / f"{n}.yaml") for n in ("forget", "retain")}
+    suites = {n: load_suite(toy / "suites" / f"{n}.yaml") for n in ("forget_val", "retain_val")}
 
     def acc(model_dir):
         return {n: evaluate(model_dir, s, backend="hf", use_cache=False, progress=False).accuracy
@@ -291,8 +292,11 @@ def test_toy_mast_topk_npo_forgets_the_forget_skill_and_keeps_the_retain_skill(t
     res = unlearn(toy / "rlvr", sel, forget, retain, UnlearnSpec(**TOY_SPEC), tmp_path / "u", progress=False)
     before, after = acc(toy / "rlvr"), acc(res.out_dir)
     print(f"toy accuracy before {before} after {after}; selected {res.manifest['selection']['selected']}")
-    assert before["forget"] >= 0.2, f"toy target too weak to test unlearning: {before}"
-    assert after["forget"] <= before["forget"] - 0.1
-    assert after["retain"] >= before["retain"] - 0.05
+    assert before["forget_val"] >= 0.5, f"toy target too weak to test unlearning: {before}"
+    forget_drop = before["forget_val"] - after["forget_val"]
+    retain_drop = before["retain_val"] - after["retain_val"]
+    assert forget_drop >= 0.15
+    assert retain_drop <= 0.10
+    assert forget_drop >= 3 * retain_drop  # selective: the forget skill goes, the retain skill mostly stays
     changed = set(res.manifest["changed_tensors"])
     assert changed == {c["name"] for c in sel["candidates"] if c["selected"]}
