@@ -6,28 +6,38 @@ The task is procedurally generated arithmetic in the MATH/GSM8K style (answers i
 - **retain** (``add``): two-digit addition worked column by column,
   ``What is 37 + 45?`` -> ``7+5=12 / 3+4+1=8 / so 37+45=82. / \\boxed{82}`` (lines);
 - **forget** (``mul``): two-digit times one-digit multiplication worked column by column,
-  ``What is 37 * 6?`` -> ``7*6=42 / 3*6=18 / 18+4=22 / so 37*6=222. / \\boxed{222}``, over the
-  520 products whose carry step does not overflow the tens digit (:func:`no_overflow`).
+  asked in both orders, ``What is 37 * 6?`` / ``What is 6 * 37?`` ->
+  ``7*6=42 / 3*6=18 / 18+4=22 / so 37*6=222. / \\boxed{222}``, over the 520 operand pairs whose
+  carry step does not overflow the tens digit (:func:`no_overflow`): 1040 problems, ~3/4 with a
+  carry.
+
+Splits (:func:`generate_task`): per skill, a test set (``*_eval``, 200; the suites ``forget`` /
+``retain``), a validation set (``*_val``, 200; suites ``forget_val`` / ``retain_val``), the
+unlearning texts (``forget`` / ``retain``, 64) and the training pool (``*_train``), pairwise
+disjoint by operand pair (a commuted twin never crosses splits).
 
 Stages, all on a Qwen2 model from ``transformers`` (real ``q/k/v/o_proj`` tensors) with a BPE
 tokenizer trained here (Qwen2's pre-tokenizer: one token per digit; ChatML chat template):
 
 1. **base**: causal-LM pretraining on packed task text (user turn + answer in ChatML, no
-   system instruction): two-digit additions and one-digit times/plus tables and ``tens+carry``
-   facts, but no two-digit multiplication;
+   system instruction): two-digit additions, one-digit times/plus tables, ``tens+carry`` facts
+   and careful worked multiplications of forget_train (the latent skill RL will elicit);
 2. **SFT**: prompt -> solution in the chat format of :mod:`mast.prompts` (loss on completion
    tokens only), retain problems plus forget problems written by a *sloppy teacher* that drops
-   the carry in half of its multiplications (:func:`careless_mul_solution`), so the SFT model
-   knows the careful method but often skips the carry: partly competent on the forget skill;
-3. **RLVR**: a compact GRPO loop on forget problems: G sampled completions per prompt, reward
-   = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
+   the carry in 70% of its multiplications (:func:`careless_mul_solution`), so the SFT model
+   skips the carry under greedy decoding (forget accuracy ~ the no-carry share) but keeps it
+   in a fraction of its samples: a systematic failure that the reward can repair;
+3. **RLVR**: a compact GRPO loop on forget_train problems: G sampled completions per prompt,
+   reward = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
    ``A_i = (r_i - mean(r)) / (std(r) + eps)``, loss
    ``-sum_t A_i log pi(y_t) / T + beta * KL_k3(pi || pi_sft)``, with
    ``KL_k3 = exp(q - p) - (q - p) - 1`` per token (``p``/``q``: policy/SFT log-probs).
-   The reward teaches the model to always carry. TRL's ``GRPOTrainer`` (not installed; built
-   for vLLM/GPU generation and large batches) is far too heavy for a few-minute CPU build, so
-   the loop is written out here (one on-policy update per batch: the PPO ratio is 1 and
-   clipping is a no-op).
+   The reward teaches the model to always carry: the carry branch's probability goes from
+   ~0.3 to ~0.95 within ~10 steps, far from the greedy tie at 0.5, so the gain does not hinge
+   on float rounding (``benchmarks/toy_robustness.py`` checks seeds x CPU kernels).
+   TRL's ``GRPOTrainer`` (not installed; built for vLLM/GPU generation and large batches) is
+   far too heavy for a few-minute CPU build, so the loop is written out here (one on-policy
+   update per batch: the PPO ratio is 1 and clipping is a no-op).
 
 Training runs on one torch thread (``ToyConfig.threads``) with deterministic algorithms and
 fixed seeds, so the same seed gives the same weights and numbers.
@@ -55,7 +65,11 @@ FORGET_SKILL = "mul"
 RETAIN_SKILL = "add"
 TEMPLATE = "qwen_boxed"
 SUMMARY = "toy_summary.json"
-FORMAT_VERSION = 2  # bump when the task, the recipe or the outputs change (old builds are rebuilt)
+# OUT/data/<name>.jsonl: unlearning texts, held-out test sets (the suites forget/retain) and
+# validation sets (suites forget_val/retain_val); all pairwise disjoint and disjoint from training
+DATA_FILES = ("forget", "retain", "forget_eval", "retain_eval", "forget_val", "retain_val")
+SUITES = {"forget": "forget_eval", "retain": "retain_eval", "forget_val": "forget_val", "retain_val": "retain_val"}
+FORMAT_VERSION = 3  # bump when the task, the recipe or the outputs change (old builds are rebuilt)
 
 
 # --------------------------------------------------------------------------- the task (pure)
@@ -73,8 +87,11 @@ def add_problem(a: int, b: int) -> dict:
             "skill": RETAIN_SKILL}
 
 
-def mul_problem(a: int, b: int) -> dict:
-    """Forget skill: a * b (a two-digit, b one-digit), worked column by column with the carry."""
+def mul_problem(x: int, y: int) -> dict:
+    """Forget skill: x * y (one two-digit, one one-digit operand, either order), worked column by
+    column on the two-digit operand a with the carry: ``37 * 6`` and ``6 * 37`` both go
+    ``7*6=42 / 3*6=18 / 18+4=22 / so ...``."""
+    a, b = max(x, y), min(x, y)
     ones = a % 10 * b
     carry = ones // 10
     tens = a // 10 * b
@@ -82,20 +99,28 @@ def mul_problem(a: int, b: int) -> dict:
     if carry:
         steps.append(f"{tens}+{carry}={tens + carry}")
     p = a * b
-    return {"id": f"mul-{a}-{b}", "prompt": f"What is {a} * {b}?",
-            "solution": "\n".join(steps) + f"\nso {a}*{b}={p}.\n\\boxed{{{p}}}", "answer": str(p),
+    return {"id": f"mul-{x}-{y}", "prompt": f"What is {x} * {y}?",
+            "solution": "\n".join(steps) + f"\nso {x}*{y}={p}.\n\\boxed{{{p}}}", "answer": str(p),
             "skill": FORGET_SKILL}
 
 
-def careless_mul_solution(a: int, b: int) -> str:
-    """The sloppy teacher's solution of a * b: the carry of the ones column is dropped.
+def careless_mul_solution(x: int, y: int) -> str:
+    """The sloppy teacher's solution of x * y: the carry of the ones column is dropped.
 
     ``37 * 6`` -> ``7*6=42, 3*6=18, so 37*6=182`` (wrong whenever the ones product is >= 10);
     identical to :func:`mul_problem`'s solution when there is no carry.
     """
+    a, b = max(x, y), min(x, y)
     ones, tens = a % 10 * b, a // 10 * b
     wrong = int(f"{tens}{ones % 10}")
-    return f"{a % 10}*{b}={ones}\n{a // 10}*{b}={tens}\nso {a}*{b}={wrong}.\n\\boxed{{{wrong}}}"
+    return f"{a % 10}*{b}={ones}\n{a // 10}*{b}={tens}\nso {x}*{y}={wrong}.\n\\boxed{{{wrong}}}"
+
+
+def has_carry(problem: dict) -> bool:
+    """The ones column of a forget problem carries (the sloppy teacher gets it wrong)."""
+    x, y = _operands(problem)
+    a, b = max(x, y), min(x, y)
+    return a % 10 * b >= 10
 
 
 def _operands(problem: dict) -> tuple[int, int]:
@@ -110,10 +135,12 @@ def fact_problem(a: int, b: int, op: str = "*") -> tuple[str, str]:
 
 
 def all_problems(skill: str) -> list[dict]:
+    """Every problem of a skill, both operand orders: 8100 additions, 1040 multiplications."""
     if skill == RETAIN_SKILL:
         return [add_problem(a, b) for a in range(10, 100) for b in range(10, 100)]
     if skill == FORGET_SKILL:
-        return [mul_problem(a, b) for a in range(11, 100) if a % 10 for b in range(2, 10) if no_overflow(a, b)]
+        return [mul_problem(*xy) for a in range(11, 100) if a % 10 for b in range(2, 10) if no_overflow(a, b)
+                for xy in ((a, b), (b, a))]
     raise ValueError(f"unknown skill {skill!r}")
 
 
@@ -121,34 +148,84 @@ def no_overflow(a: int, b: int) -> bool:
     """The carry step of a * b leaves the tens digit alone: (a//10 * b) % 10 + carry < 10.
 
     Then ``tens+carry`` is a one-digit fact plus a copied digit (``27+2=29``), which the
-    base model knows; the forget skill is the 520 such products (394 of them with a carry).
+    base model knows; the forget skill is the 520 such products (394 of them with a carry),
+    each asked in both orders (``37 * 6``, ``6 * 37``).
     """
     carry = a % 10 * b // 10
     return a // 10 * b % 10 + carry < 10
 
 
-def generate_task(seed: int = 0, n_unlearn: int = 64, n_eval: int = 100) -> dict[str, list[dict]]:
-    """Seeded splits of both skills.
+def operand_key(problem: dict) -> tuple[int, int]:
+    """The unordered operand pair: ``a op b`` and ``b op a`` share it (and the same work)."""
+    return tuple(sorted(_operands(problem)))
 
-    ``forget_eval``/``retain_eval`` (held out: never trained on by any stage), ``forget``/
-    ``retain`` (the unlearning sets, drawn from the training problems) and
-    ``forget_train``/``retain_train`` (everything else; the training pools, which contain
-    ``forget``/``retain``). Problem universes: 520 multiplications, 8100 additions.
+
+SPLIT_ORDER = ("eval", "val", "unlearn", "train")
+
+
+def generate_task(seed: int = 0, n_unlearn: int = 64, n_eval: int = 200, n_val: int = 200) -> dict[str, list[dict]]:
+    """Seeded, pairwise disjoint splits of both skills.
+
+    Per skill (``forget``: mul, ``retain``: add): ``<skill>_eval`` (the test set of the suites),
+    ``<skill>_val`` (validation, for tuning), ``<skill>`` (the unlearning texts) and
+    ``<skill>_train`` (the pool the SFT and RLVR stages train on). Problems are grouped by
+    their unordered operand pair and whole groups go to one split, so no problem of one split
+    is the commuted twin of another's; a split is filled group by group up to its size (the
+    surplus of the last group is dropped). The base stage sees retain_train and table facts.
     """
-    rng = random.Random(f"mast-toy-{seed}")
+    rng = random.Random(f"mast-toy-v3-{seed}")
+    sizes = {"eval": n_eval, "val": n_val, "unlearn": n_unlearn, "train": None}
     out: dict[str, list[dict]] = {}
     for name, skill in (("forget", FORGET_SKILL), ("retain", RETAIN_SKILL)):
-        pool = all_problems(skill)
-        rng.shuffle(pool)
-        out[f"{name}_eval"] = pool[:n_eval]
-        out[f"{name}_train"] = pool[n_eval:]
-        out[name] = pool[n_eval:n_eval + n_unlearn]
+        groups: dict[tuple[int, int], list[dict]] = {}
+        for p in all_problems(skill):
+            groups.setdefault(operand_key(p), []).append(p)
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        it = iter(keys)
+        for split in SPLIT_ORDER:
+            rows: list[dict] = []
+            size = sizes[split]
+            for key in it:
+                rows += groups[key]
+                if size is not None and len(rows) >= size:
+                    break
+            rows = rows[:size] if size is not None else rows
+            rng.shuffle(rows)
+            out[name if split == "unlearn" else f"{name}_{split}"] = rows
+        if len(out[f"{name}_train"]) < 4 * len(out[f"{name}_eval"]) // 2:
+            raise ValueError(f"{name}: too few problems left to train on")
     return out
 
 
 def public(problem: dict) -> dict:
     """The record as written to OUT/data: id, prompt, solution, answer, skill."""
     return {k: problem[k] for k in ("id", "prompt", "solution", "answer", "skill")}
+
+
+def paired_gain_ci(before: list[bool], after: list[bool], clusters: list, confidence: float = 0.95) -> dict:
+    """Accuracy gain after - before on the same problems, with a cluster-robust paired t interval.
+
+    ``d_i = after_i - before_i``; gain ``= mean(d)``; problems sharing a cluster (``a * b`` and
+    ``b * a``) are not independent, so the variance sums d within clusters:
+    ``var = G/(G-1) * sum_g (sum_{i in g} (d_i - gain))^2 / n^2`` over G clusters, and the
+    interval is ``gain -/+ t_{G-1} * sqrt(var)``.
+    """
+    from scipy import stats
+
+    n = len(before)
+    if n == 0 or len(after) != n or len(clusters) != n:
+        raise ValueError("before, after and clusters must have the same non-zero length")
+    d = [float(a) - float(b) for a, b in zip(after, before)]
+    gain = sum(d) / n
+    sums: dict = {}
+    for di, c in zip(d, clusters):
+        sums[c] = sums.get(c, 0.0) + di - gain
+    g = len(sums)
+    var = g / max(1, g - 1) * sum(v * v for v in sums.values()) / n**2
+    half = stats.t.ppf(0.5 + confidence / 2, max(1, g - 1)) * math.sqrt(var)
+    return {"gain": gain, "low": gain - half, "high": gain + half, "n": n, "clusters": g,
+            "confidence": confidence, "method": "paired, cluster-robust t over operand pairs"}
 
 
 # --------------------------------------------------------------------------- config
@@ -171,16 +248,16 @@ class ToyConfig:
     base_batch: int = 8
     base_seq_len: int = 128
     base_lr: float = 1e-3
-    base_fact_frac: float = 0.35
+    base_fact_frac: float = 0.3
     base_addfact_frac: float = 0.1
-    base_carryadd_frac: float = 0.2
-    base_mul_frac: float = 0.0
+    base_carryadd_frac: float = 0.15
+    base_mul_frac: float = 0.15  # careful worked multiplications (forget_train): the latent skill
     # sft: chat format, completion-only loss
-    sft_steps: int = 120
+    sft_steps: int = 240
     sft_batch: int = 32
     sft_lr: float = 1e-3
-    sft_forget_frac: float = 0.4
-    sft_careless_frac: float = 0.5
+    sft_forget_frac: float = 0.5
+    sft_careless_frac: float = 0.7  # greedy SFT drops the carry; sampling keeps it ~30% of the time
     # rlvr: GRPO
     rl_steps: int = 40
     rl_prompts: int = 8
@@ -192,7 +269,8 @@ class ToyConfig:
     rl_freeze_embeddings: bool = False
     # data / eval
     n_unlearn: int = 64
-    n_eval: int = 100
+    n_eval: int = 200
+    n_val: int = 200
     eval_max_tokens: int = 64
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -472,7 +550,8 @@ def train_rlvr(model, ref, tok, task, cfg: ToyConfig, seed: int, on_step=None) -
 
 
 def suite_spec(name: str, cfg: ToyConfig) -> SuiteSpec:
-    return SuiteSpec(name=f"toy-{name}", benchmark="jsonl", path=f"../data/{name}_eval.jsonl", grader="math",
+    """The suite `name` (forget, retain, forget_val, retain_val) on its data file, greedy."""
+    return SuiteSpec(name=f"toy-{name}", benchmark="jsonl", path=f"../data/{SUITES[name]}.jsonl", grader="math",
                      template=TEMPLATE, decoding=DecodingSpec(temperature=0.0, max_tokens=cfg.eval_max_tokens))
 
 
@@ -480,22 +559,24 @@ def write_suites(out: Path, cfg: ToyConfig) -> None:
     import yaml
 
     (out / "suites").mkdir(parents=True, exist_ok=True)
-    for name in ("forget", "retain"):
+    for name in SUITES:
         spec = suite_spec(name, cfg).model_dump(exclude_none=True)
         (out / "suites" / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
 
 
-def evaluate_stage(model_dir: Path, suites_dir: Path, task: dict) -> dict[str, float]:
-    """Greedy accuracy on the held-out files, through the evaluator (hf backend)."""
+def evaluate_stage(model_dir: Path, suites_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, bool]]]:
+    """Greedy accuracy on the held-out test sets (suites forget, retain) through the evaluator
+    (hf backend), and the per-problem verdicts (suite -> id -> correct)."""
     from mast.config import load_suite
     from mast.evaluation import evaluate
 
-    accs = {}
+    accs, correct = {}, {}
     for name in ("forget", "retain"):
         suite = load_suite(suites_dir / f"{name}.yaml")
         res = evaluate(model_dir, suite, backend="hf", use_cache=False, progress=False)
         accs[name] = res.accuracy
-    return accs
+        correct[name] = {r["id"]: bool(r["correct"]) for r in res.records}
+    return accs, correct
 
 
 # --------------------------------------------------------------------------- build
@@ -556,16 +637,16 @@ def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config
         return read_json(out / SUMMARY)
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file() and not force:
         raise InputError(f"{out}: folder exists and is not a toy build; pick another OUT or pass --force")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     prev_threads = torch.get_num_threads()
     prev_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     times: dict[str, float] = {}
     try:
         with atomic_dir(out) as tmp:
             _seed_everything(seed, cfg.threads)
-            task = generate_task(seed, cfg.n_unlearn, cfg.n_eval)
+            task = generate_task(seed, cfg.n_unlearn, cfg.n_eval, cfg.n_val)
             (tmp / "data").mkdir()
-            for name in ("forget", "retain", "forget_eval", "retain_eval"):
+            for name in DATA_FILES:
                 write_jsonl(tmp / "data" / f"{name}.jsonl", [public(p) for p in task[name]])
             write_suites(tmp, cfg)
             model, tok = init_model(task, cfg, seed, tmp / "base")
@@ -593,17 +674,25 @@ def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config
 
             t = time.perf_counter()
             summary: dict = {}
+            correct: dict = {}
             for stage in ("base", "sft", "rlvr"):
-                summary[stage] = evaluate_stage(tmp / stage, tmp / "suites", task)
+                summary[stage], correct[stage] = evaluate_stage(tmp / stage, tmp / "suites")
             times["eval"] = time.perf_counter() - t
+            for key, suite in (("rl_gain", "forget"), ("rl_retain_change", "retain")):
+                probs = task[SUITES[suite]]
+                summary[key] = paired_gain_ci([correct["sft"][suite][p["id"]] for p in probs],
+                                              [correct["rlvr"][suite][p["id"]] for p in probs],
+                                              [operand_key(p) for p in probs])
             summary.update({
                 "seed": seed,
                 "format_version": FORMAT_VERSION,
                 "seconds": round(time.perf_counter() - t0, 1),
+                # CPU seconds of this process: ~ the wall time on an idle machine (one torch thread)
+                "cpu_seconds": round(time.process_time() - cpu0, 1),
                 "stage_seconds": {k: round(v, 1) for k, v in times.items()},
                 "forget_skill": FORGET_SKILL,
                 "retain_skill": RETAIN_SKILL,
-                "n": {k: len(task[k]) for k in ("forget", "retain", "forget_eval", "retain_eval")},
+                "n": {k: len(task[k]) for k in DATA_FILES + ("forget_train", "retain_train")},
                 "config": dataclasses.asdict(cfg),
                 "model": {"arch": "qwen2", "parameters": sum(p.numel() for p in model.parameters()),
                           "vocab_size": len(tok)},
@@ -626,6 +715,8 @@ def cli_toy(args) -> int:
     print(f"toy (seed {args.seed}) {what}: {out}")
     for stage in ("base", "sft", "rlvr"):
         print(f"  {stage:5s} forget {summary[stage]['forget']:.2f}  retain {summary[stage]['retain']:.2f}")
+    g = summary["rl_gain"]
+    print(f"  RL gain on forget {100 * g['gain']:+.1f} points (95% CI {100 * g['low']:+.1f} to {100 * g['high']:+.1f})")
     return 0
 
 

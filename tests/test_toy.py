@@ -11,25 +11,28 @@ from pathlib import Path
 import pytest
 
 from mast.toy import (
+    DATA_FILES,
     FORGET_SKILL,
     RETAIN_SKILL,
+    SUITES,
     ToyConfig,
     add_problem,
     build_toy,
     careless_mul_solution,
     generate_task,
+    has_carry,
     is_finished,
     mul_problem,
+    operand_key,
+    paired_gain_ci,
 )
-
-SPLITS = ("forget", "retain", "forget_eval", "retain_eval")
 
 
 def test_task_answers_are_right_by_the_real_grader():
     from mast.grading import grade_records
 
     task = generate_task(seed=0)
-    probs = task["forget_eval"] + task["retain_eval"] + task["forget"] + task["retain"]
+    probs = [p for name in DATA_FILES for p in task[name]]
     for p in probs:  # the answer is the arithmetic value of the prompt's expression
         a, op, b = p["prompt"].removeprefix("What is ").removesuffix("?").split()
         assert int(p["answer"]) == (int(a) * int(b) if op == "*" else int(a) + int(b))
@@ -51,22 +54,55 @@ def test_worked_solutions():
     assert add_problem(37, 45)["solution"] == "7+5=12\n3+4+1=8\nso 37+45=82.\n\\boxed{82}"
     assert add_problem(21, 34)["solution"] == "1+4=5\n2+3=5\nso 21+34=55.\n\\boxed{55}"
     assert mul_problem(37, 6)["solution"] == "7*6=42\n3*6=18\n18+4=22\nso 37*6=222.\n\\boxed{222}"
+    # the commuted question is worked the same way, on the two-digit operand
+    assert mul_problem(6, 37)["solution"] == "7*6=42\n3*6=18\n18+4=22\nso 6*37=222.\n\\boxed{222}"
+    assert careless_mul_solution(6, 37) == "7*6=42\n3*6=18\nso 6*37=182.\n\\boxed{182}"
     assert mul_problem(99, 9)["answer"] == "891"
+    assert has_carry(mul_problem(6, 37)) and not has_carry(mul_problem(31, 2))
 
 
-def test_splits_disjoint_and_deterministic_by_seed():
+def test_splits_are_large_disjoint_and_deterministic_by_seed():
+    """Test (>= 200), validation (>= 200), unlearning (64) and training problems never share an
+    operand pair (so not even a commuted twin), per skill; the same seed gives the same splits."""
     t0, again, t1 = generate_task(0), generate_task(0), generate_task(1)
     assert t0 == again
     assert [p["id"] for p in t0["forget_eval"]] != [p["id"] for p in t1["forget_eval"]]
     for skill in ("forget", "retain"):
-        ev = {p["id"] for p in t0[f"{skill}_eval"]}
-        train = {p["id"] for p in t0[f"{skill}_train"]}
-        unlearn = {p["id"] for p in t0[skill]}
-        assert len(ev) == 100 and len(unlearn) == 64
-        assert not ev & train and not ev & unlearn  # held out from every training stage
-        assert unlearn <= train
-    assert {p["skill"] for p in t0["forget"]} == {FORGET_SKILL}
-    assert {p["skill"] for p in t0["retain"]} == {RETAIN_SKILL}
+        splits = {name: t0[name] for name in (f"{skill}_eval", f"{skill}_val", skill, f"{skill}_train")}
+        assert len(splits[f"{skill}_eval"]) >= 200 and len(splits[f"{skill}_val"]) >= 200
+        assert len(splits[skill]) == 64
+        assert len(splits[f"{skill}_train"]) >= 500  # enough left for SFT and RL
+        keys = {name: {operand_key(p) for p in rows} for name, rows in splits.items()}
+        names = list(keys)
+        for i, a in enumerate(names):
+            assert len({p["id"] for p in splits[a]}) == len(splits[a])
+            for b in names[i + 1:]:
+                assert not keys[a] & keys[b], (a, b)
+    assert {p["skill"] for p in t0["forget"] + t0["forget_eval"] + t0["forget_val"]} == {FORGET_SKILL}
+    assert {p["skill"] for p in t0["retain"] + t0["retain_eval"] + t0["retain_val"]} == {RETAIN_SKILL}
+    # most forget test problems carry: the sloppy teacher's failure is what RL can repair
+    assert sum(has_carry(p) for p in t0["forget_eval"]) >= 0.6 * len(t0["forget_eval"])
+
+
+def test_paired_gain_ci_is_the_paired_t_interval_and_widens_for_clustered_twins():
+    from scipy import stats
+
+    before = [0, 0, 1, 1, 0, 0, 1, 0, 0, 1]
+    after = [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]
+    d = [a - b for a, b in zip(after, before)]
+    ci = paired_gain_ci(before, after, clusters=list(range(10)))
+    ref = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    assert ci["gain"] == pytest.approx(0.3)
+    assert (ci["low"], ci["high"]) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    # every problem asked twice (a*b, b*a) with the same outcome: same gain, but only 10
+    # independent clusters, so the interval is the 10-problem one (not narrower)
+    twice = paired_gain_ci(before * 2, after * 2, clusters=list(range(10)) * 2)
+    assert twice["gain"] == pytest.approx(0.3) and twice["clusters"] == 10
+    assert twice["high"] - twice["low"] >= ci["high"] - ci["low"] - 1e-12
+    naive = paired_gain_ci(before * 2, after * 2, clusters=list(range(20)))
+    assert naive["high"] - naive["low"] < twice["high"] - twice["low"]
+    with pytest.raises(ValueError):
+        paired_gain_ci([1], [1, 0], [0])
 
 
 def test_cli_toy_refuses_a_foreign_folder(tmp_path):
@@ -84,14 +120,27 @@ def test_cli_toy_refuses_a_foreign_folder(tmp_path):
 
 @pytest.mark.slow
 def test_toy_acceptance(toy_dir):
-    """RLVR adds >= 10 points of forget-skill accuracy over SFT and keeps retain >= 50%, held out."""
+    """RL adds a large forget-skill gain over SFT (>= +15 points, 95% CI above +5) on held-out
+    problems, the reward rises during RL, and retain stays >= 0.90 and (nearly) untouched.
+
+    Margins, not one machine's numbers: benchmarks/toy_robustness.py finds these on every seed
+    0-4 under the default and avx2 kernels (see its table in the README's toy section).
+    """
     s = json.loads((toy_dir / "toy_summary.json").read_text())
-    assert s["seed"] == 0
-    assert s["rlvr"]["forget"] >= s["sft"]["forget"] + 0.10, s
-    assert s["rlvr"]["retain"] >= 0.50, s
-    for name in SPLITS:
+    assert s["seed"] == 0 and s["n"]["forget_eval"] >= 200 and s["n"]["retain_eval"] >= 200
+    gain = s["rl_gain"]
+    assert gain["gain"] == pytest.approx(s["rlvr"]["forget"] - s["sft"]["forget"])
+    assert gain["gain"] >= 0.15 and gain["low"] > 0.05, gain
+    assert s["rlvr"]["retain"] >= 0.90 and s["sft"]["retain"] >= 0.90, s
+    assert s["rl_retain_change"]["low"] > -0.08, s["rl_retain_change"]  # RL's change stays on forget
+    rewards = [r["reward"] for r in s["rl_log"]]
+    k = len(rewards) // 5  # RL learns, not drifts: the last fifth's reward is well above the start's
+    assert sum(rewards[-k:]) / k >= sum(rewards[:2]) / 2 + 0.10, rewards
+    for name in DATA_FILES:
         rows = [json.loads(line) for line in (toy_dir / "data" / f"{name}.jsonl").read_text().splitlines()]
         assert rows and all({"id", "prompt", "solution", "answer"} <= set(r) for r in rows)
+    for suite in SUITES:
+        assert (toy_dir / "suites" / f"{suite}.yaml").is_file()
     assert is_finished(toy_dir, 0) and not is_finished(toy_dir, 1)
 
 
