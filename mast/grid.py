@@ -25,6 +25,7 @@ from mast.files import InputError, stable_hash
 from mast.registry import K_FREE_RULES, NULL_RULE, NULL_RULES, OBJECTIVE_FACTS, RHO_RULES, RULE_FACTS
 
 OWN_SUITES = ("forget", "retain")  # the sweep's own splits
+VAL_SUITES = ("forget_val", "retain_val")  # their validation splits: choices only, never reported
 ID_KEYS = ("rule", "objective", "k", "seed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
