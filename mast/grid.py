@@ -203,9 +203,10 @@ def check_spec(spec: SweepSpec, source: str = "spec") -> None:
     names = [suite_name(s) for s in spec.evaluation.suites]
     if len(set(names)) != len(names):
         raise InputError(f"{source}: evaluation.suites: duplicate suite names {names}")
-    unknown = sorted(set(spec.evaluation.limits) - set(names))
+    unknown = sorted(set(spec.evaluation.limits) - set(names) - set(VAL_SUITES))
     if unknown:
-        raise InputError(f"{source}: evaluation.limits: {unknown[0]!r} is not one of the suites {names}")
+        raise InputError(f"{source}: evaluation.limits: {unknown[0]!r} is not one of the suites {names} "
+                         f"nor a validation suite {list(VAL_SUITES)}")
     if spec.scheduler.kind == "asha":
         suite = spec.scheduler.metric.split("/", 1)[0]
         if suite not in names or "/" not in spec.scheduler.metric:

@@ -279,8 +279,14 @@ def resolve_validation(spec: SweepSpec, src: Sources) -> dict[str, Suite]:
                    else "the MATH forget set is trained on and evaluated itself" if src.kind == "math"
                    else "rebuild the toy (format >= 3 writes validation sets)")
             raise InputError(f"evaluation.validation: no {name!r} problems for this sweep ({how})")
-        out[name] = Suite(_own_suite(src, name, spec), src.own[name])
+        out[name] = Suite(_own_suite(src, name, spec), _limited(src.own[name], spec, name))
     return out
+
+
+def _limited(problems: list[dict], spec: SweepSpec, name: str) -> list[dict]:
+    """The first ``evaluation.limits[name]`` problems (all without a limit)."""
+    n = spec.evaluation.limits.get(name)
+    return problems[:n] if n else problems
 
 
 def stop_suite(spec: SweepSpec, src: Sources) -> Suite | None:
@@ -289,7 +295,8 @@ def stop_suite(spec: SweepSpec, src: Sources) -> Suite | None:
     if spec.unlearning.stop is None and not any(spec.grid.get("stop") or []):
         return None
     if "forget_val" in src.own:
-        return Suite(_own_suite(src, "forget_val", spec).model_copy(update={"name": "stop"}), src.own["forget_val"])
+        return Suite(_own_suite(src, "forget_val", spec).model_copy(update={"name": "stop"}),
+                     _limited(src.own["forget_val"], spec, "forget_val"))
     return Suite(_own_suite(src, "forget", spec).model_copy(update={"name": "stop"}), src.forget_texts)
 
 
