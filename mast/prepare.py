@@ -25,6 +25,10 @@ Which data is which:
   ``data/forget_eval.jsonl`` / ``data/retain_eval.jsonl``: forgetting is measured on problems
   of the forgotten skill the unlearning never saw (capability removal, not memorisation).
 - any other suite name is a suite YAML (a path, or ``eval/<name>.yaml``).
+- validation suites (``evaluation.validation``: ``forget_val`` / ``retain_val``; the toy's
+  ``data/*_val.jsonl``, MATH's ``data.retain_val_size`` draw) are evaluated on the target here and
+  by every trial, for choices only (:mod:`mast.matched`), never reported; ``unlearning.stop``'s
+  check scores forget_val (toy) or the forget problems themselves (MATH): ``prepared/suites/stop.jsonl``.
 """
 
 from __future__ import annotations

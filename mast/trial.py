@@ -1,6 +1,11 @@
 """One trial (runs in a Ray worker): select -> unlearn -> evaluate every suite -> McNemar vs the
 cached baseline -> the trial's row (``result.json``, one line of trials.jsonl) + its MLflow run.
 
+With ``unlearning.stop`` the unlearning loop checks the forget criterion in-loop
+(:func:`stop_check`) and the row records ``steps_run``, ``stop_reached``, ``stop_threshold`` and
+``stop_history`` (matched forgetting; ``stopped_early`` keeps meaning "ASHA stopped it"). The
+validation suites are scored last, into ``validation`` (choices only, never a reported result).
+
 Every suite is scored with the evaluation cache bypassed (a fresh backend, the suite's decoding),
 and read against the SFT floor (:mod:`mast.floor`: share of the RLVR gain removed, below the
 reference). A ``null`` trial (the noise floor) selects nothing and skips unlearning: the target
