@@ -17,7 +17,7 @@ read on the TEST suites:
   (max over curves of the curve's min forget_val accuracy); the matched point is the curve's
   first trial with forget_val accuracy <= L. No interpolation: the reading is a real trial's
   per-problem test results, so the paired tests below stay exact;
-- per retain suite (every reported suite but ``forget``): the change vs the target with its
+- per retain suite (every reported suite but ``forget``; never a validation suite): the change vs the target with its
   Newcombe interval and a TOST against ``evaluation.equivalence_margin``
   (:func:`mast.equivalence.retention_summary`): "preserved" only when equivalence holds, else
   "not shown"; and ``p_vs_full``: exact McNemar between the rule's and ``full``'s matched
@@ -38,6 +38,7 @@ AXES = ("lr", "steps")  # grid fields a forgetting curve runs along
 FORGET = "forget"
 FORGET_VAL = "forget_val"
 FULL = "full"
+NOT_RETAIN = (FORGET, FORGET_VAL, "retain_val")  # the forget suite and validation suites are never retain readings
 RecordsFn = Callable[[str, str], "list[dict] | None"]  # (trial_id, suite) -> per-problem records (None: absent)
 
 
@@ -137,7 +138,7 @@ def matched_rows(trials: Sequence[dict], records: RecordsFn, margin: float, leve
     stop_mode = any(t.get("stop_reached") is not None for ts in groups.values() for t in ts)
     lvl = None if stop_mode else matched_level(groups, level)
     chosen = {key: matched_point(ts, lvl) for key, ts in groups.items()}
-    suites = sorted({s for t, _ in chosen.values() for s in (t.get("suites") or {}) if s != FORGET},
+    suites = sorted({s for t, _ in chosen.values() for s in (t.get("suites") or {}) if s not in NOT_RETAIN},
                     key=lambda s: (s != "retain", s))
     primary = suites[0] if suites else None
 

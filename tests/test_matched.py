@@ -100,6 +100,7 @@ def test_stop_mode_reads_each_trial_and_keeps_a_rule_that_never_reached_the_leve
                base_r, reached=False, steps=60, val_forget=0.7),
         {"trial_id": "null-s0", "status": "ok", "config": {"rule": "null", "seed": 0}, "suites": {}},
     ]
+    trials[1]["suites"]["retain_val"] = _mc(base_r, base_r)  # a validation suite scored as a suite: never a reading
     rec = {(t["trial_id"], "retain"): _records(n, r) for t, r in
            zip(trials, [full_r, base_r, base_r])}
     m = matched_rows(trials, lambda tid, s: rec.get((tid, s)), margin=0.02)
@@ -110,7 +111,7 @@ def test_stop_mode_reads_each_trial_and_keeps_a_rule_that_never_reached_the_leve
     assert rows["mast"]["reached"] is True and rows["mast"]["steps"] == 25 and rows["full"]["k"] is None
     for key in ("objective", "k", "rule", "forget_drop", "retain_drop", "steps", "p_vs_full", "reached"):
         assert key in rows["mast"]
-    assert rows["full"]["p_vs_full"] is None
+    assert rows["full"]["p_vs_full"] is None and set(rows["mast"]["retain"]) == {"retain"}
     raw = [mcnemar_test(_records(n, full_r), _records(n, base_r), n_bootstrap=1)["p_value"]] * 2
     assert [rows[r]["p_vs_full"] for r in ("mast", "random")] == pytest.approx(holm(raw))
     assert rows["mast"]["p_vs_full"] < 1e-6 and m["holm_family"] == 2
