@@ -222,7 +222,7 @@ def _probe_curves(probe: dict) -> tuple[list[float], list[float] | None, list[fl
     return list(probe.get("fractions") or []), acc(probe.get("before")), acc(probe.get("after"))
 
 
-def plot_probe(trials: list[dict], out: Path) -> Path | None:
+def plot_probe(trials: list[dict], out: Path, title: str = "Prefix recovery on the forget set") -> Path | None:
     """Prefix-recovery: accuracy vs fraction of the reference solution given, per objective, a line per rule."""
     ok = [t for t in trials if t["status"] == "ok" and t.get("probe")]
     if not ok:
@@ -270,7 +270,7 @@ def plot_probe(trials: list[dict], out: Path) -> Path | None:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, title="rule (trials; all k pooled)", loc="outside right center", frameon=False)
-    fig.suptitle("Prefix recovery on the forget set (mean over trials; band: range)")
+    fig.suptitle(f"{title} (mean over trials; band: range)")
     fig.savefig(out)
     return out
 

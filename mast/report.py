@@ -172,7 +172,8 @@ def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selecti
                             unlearned, mf["axes"], mf["primary_retain"] or "", p, level_drop)),
                         ("deltas_vs_k", lambda p: plots.plot_deltas_vs_k(table, p)),
                         ("prefix_recovery", lambda p: plots.plot_probe(unlearned, p)),
-                        ("prefix_recovery_matched", lambda p: plots.plot_probe(at_match, p))):
+                        ("prefix_recovery_matched", lambda p: plots.plot_probe(
+                            at_match, p, "Prefix recovery at matched forgetting"))):
             path = fn(tmp / f"{key}.png")
             if path:
                 pngs[key] = path.name
