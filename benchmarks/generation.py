@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mast.backends import HFBackend, encode_prompts  # noqa: E402
 from mast.config import DecodingSpec  # noqa: E402
-from mast.evaluation import HFBackend, encode_prompts  # noqa: E402
 from mast.files import read_jsonl  # noqa: E402
 from mast.prompts import format_prompt  # noqa: E402
 

@@ -384,6 +384,7 @@ evaluation:
   enforce_eager: true              # a quick start: the smoke generates 64-token answers only
   timeout_s: 240
   limits: {forget: 50, retain: 50}
+  noise_floor: false               # one trial exactly (the null trials have their own tests)
 resources: {cpu: $TRIAL_CPU, gpu: $GPU, max_concurrent: 1, max_failures: 0}
 keep_checkpoints: true
 scheduler: {kind: fifo}

@@ -148,10 +148,10 @@ def mismatched(rows: list[dict]) -> list[dict]:
 
 def _workers_cpu() -> float:
     """CPU seconds used so far by this process's live grading workers and their template (Linux /proc)."""
-    from mast import grading
+    from mast import grading_pool
 
     total = 0.0
-    pool = grading._POOL
+    pool = grading_pool._POOL
     pids = [w.pid for w in pool.workers] + ([pool.template.proc.pid] if pool.template else []) if pool else []
     for pid in pids:
         try:
@@ -182,7 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-    from mast.grading import default_workers, grade_records, shutdown_pool
+    from mast.grading import grade_records
+    from mast.grading_pool import default_workers, shutdown_pool
 
     sets = set(args.sets.split(","))
     workers = args.workers or default_workers()

@@ -212,6 +212,12 @@ def check_spec(spec: SweepSpec, source: str = "spec") -> None:
         if suite not in names or "/" not in spec.scheduler.metric:
             raise InputError(f"{source}: scheduler.metric: {spec.scheduler.metric!r} must be '<suite>/<metric>' "
                              f"with a suite of evaluation.suites {names}")
+    val = spec.evaluation.validation
+    if spec.models.toy is None and "forget_val" in val:
+        raise InputError(f"{source}: evaluation.validation: MATH sweeps have no forget_val (the forget set is "
+                         "trained on and evaluated itself); use retain_val")
+    if spec.models.toy is None and "retain_val" in val and spec.data.retain_val_size == 0:
+        raise InputError(f"{source}: evaluation.validation: retain_val needs data.retain_val_size > 0")
     if spec.evaluation.backend == "vllm" and spec.resources.gpu <= 0:
         raise InputError(f"{source}: resources.gpu: the vllm backend needs a GPU per trial (gpu > 0)")
 

@@ -143,7 +143,7 @@ def sources(spec: SweepSpec, sd: SweepDir, data_dir: str | None) -> Sources:
     if spec.models.toy is not None:
         from mast.toy import build_toy
 
-        toy_dir = Path(spec.models.toy.out).expanduser().resolve() if spec.models.toy.out else sd.default_toy
+        toy_dir = toy_dir_of(spec, sd)
         _log(f"toy models: {toy_dir} (seed {spec.models.toy.seed}; built if missing)")
         t0 = time.time()
         build_toy(toy_dir, seed=spec.models.toy.seed)
@@ -214,6 +214,27 @@ class Suite:
     problems: list[dict]
 
 
+def _suite_entry(entry: str, spec: SweepSpec, own_yaml: dict[str, Path], own_template: str,
+                 spec_dir: Path | None, toy_dir: Path | None) -> tuple[str, str | None, SuiteSpec]:
+    """(name, split role or None, settings with the sweep's overrides) of one evaluation.suites entry."""
+    name = suite_name(entry)
+    if name in OWN_SUITES and not entry.endswith((".yaml", ".yml")):
+        yaml_path = own_yaml.get(name)
+        if yaml_path and Path(yaml_path).is_file():
+            suite = load_suite(yaml_path)
+        else:
+            suite = SuiteSpec(name=name, benchmark="jsonl", split_role=name, grader="math", template=own_template)
+        return name, name, _suite_with_overrides(suite, name, spec)
+    path = _find_suite_yaml(entry, spec_dir, toy_dir)
+    if path is None:
+        raise InputError(f"evaluation.suites: unknown suite {entry!r} (not forget/retain, not a suite "
+                         f"file, not in eval/)")
+    suite = load_suite(path)
+    role = suite.split_role
+    name = role or name
+    return name, role, _suite_with_overrides(suite, name, spec)
+
+
 def resolve_suites(spec: SweepSpec, src: Sources, spec_dir: Path | None, data_dir: str | None) -> dict[str, Suite]:
     """Every evaluation suite with its problems, in run order.
 
@@ -226,27 +247,9 @@ def resolve_suites(spec: SweepSpec, src: Sources, spec_dir: Path | None, data_di
     toy_dir = Path(src.toy_dir) if src.toy_dir else None
     out: dict[str, Suite] = {}
     for entry in ordered_suites(spec):
-        name = suite_name(entry)
-        role = None
-        if name in OWN_SUITES and not entry.endswith((".yaml", ".yml")):
-            role = name
-            yaml_path = src.own_yaml.get(name)
-            if yaml_path and Path(yaml_path).is_file():
-                suite = load_suite(yaml_path)
-            else:
-                suite = SuiteSpec(name=name, benchmark="jsonl", split_role=name, grader="math",
-                                  template=src.own_template)
-        else:
-            path = _find_suite_yaml(entry, spec_dir, toy_dir)
-            if path is None:
-                raise InputError(f"evaluation.suites: unknown suite {entry!r} (not forget/retain, not a suite "
-                                 f"file, not in eval/)")
-            suite = load_suite(path)
-            role = suite.split_role
-            name = role or name
+        name, role, suite = _suite_entry(entry, spec, src.own_yaml, src.own_template, spec_dir, toy_dir)
         if name in out:
             raise InputError(f"evaluation.suites: two suites are named {name!r}")
-        suite = _suite_with_overrides(suite, name, spec)
         if role:
             problems = src.own[role]
             problems = problems[: suite.limit] if suite.limit else problems
@@ -302,16 +305,65 @@ def stop_suite(spec: SweepSpec, src: Sources) -> Suite | None:
         return Suite(_own_suite(src, "forget_val", spec).model_copy(update={"name": "stop"}),
                      _limited(src.own["forget_val"], spec, "forget_val"))
     return Suite(_own_suite(src, "forget", spec).model_copy(update={"name": "stop"}), src.forget_texts)
+def toy_dir_of(spec: SweepSpec, sd: SweepDir) -> Path:
+    """Where the toy triple is built (or reused): ``models.toy.out``, else inside the sweep folder."""
+    return Path(spec.models.toy.out).expanduser().resolve() if spec.models.toy.out else sd.default_toy
+
+
+def check_inputs(spec: SweepSpec, spec_dir: Path | None, sd: SweepDir) -> None:
+    """Check every input of the sweep before anything is created (InputError, one line).
+
+    The models (a folder with config.json and complete safetensors headers, or a Hub id resolved
+    to its local snapshot: :func:`resolve_model`), the toy folder (a folder that is a toy build,
+    or absent), the MATH pool in a local ``data_dir``, and every suite: its YAML found and valid,
+    its problems readable (a jsonl file, or a benchmark in the local ``data_dir``; a benchmark
+    from the Hub is fetched by :func:`prepare`). A wrong path then leaves no sweep folder behind,
+    so the corrected re-run is not refused as "already exists".
+    """
+    from mast.evaluation import load_suite_problems
+
+    data_dir = spec.data.data_dir
+    toy_dir = None
+    if spec.models.toy is not None:
+        toy_dir = toy_dir_of(spec, sd)
+        from mast.toy import SUMMARY
+
+        if toy_dir.exists() and not toy_dir.is_dir():
+            raise InputError(f"models.toy.out: {toy_dir}: exists and is not a folder")
+        if spec.models.toy.out and toy_dir.is_dir() and any(toy_dir.iterdir()) \
+                and not (toy_dir / SUMMARY).is_file():
+            raise InputError(f"models.toy.out: {toy_dir}: folder exists and is not a toy build; pick another folder")
+        own_yaml = {n: toy_dir / "suites" / f"{n}.yaml" for n in OWN_SUITES}
+    else:
+        for field in ("reference", "target", "base"):
+            name = getattr(spec.models, field)
+            if name:
+                resolve_model(name, field)
+        if data_dir:
+            from mast.data import load_math_pool
+
+            load_math_pool(data_dir)
+        own_yaml = {n: REPO_ROOT / "eval" / f"math_{n}.yaml" for n in OWN_SUITES}
+    names: set[str] = set()
+    for entry in ordered_suites(spec):
+        name, role, suite = _suite_entry(entry, spec, own_yaml, "qwen_boxed", spec_dir, toy_dir)
+        if name in names:
+            raise InputError(f"evaluation.suites: two suites are named {name!r}")
+        names.add(name)
+        if not role and (suite.benchmark == "jsonl" or data_dir):
+            load_suite_problems(suite, data_dir)
 
 
 def backend_options(spec: SweepSpec) -> dict:
-    """Keyword options of the evaluation backend (vLLM's memory and parallelism settings)."""
-    if spec.evaluation.backend != "vllm":
+    """Keyword options of the evaluation backend: vLLM's engine settings (memory, parallelism,
+    ``dtype``, ``enforce_eager``) and the worker's ``timeout_s``; none for the hf backend."""
+    ev = spec.evaluation
+    if ev.backend != "vllm":
         return {}
-    opts = {"tensor_parallel_size": spec.evaluation.tensor_parallel_size,
-            "gpu_memory_utilization": spec.evaluation.gpu_memory_utilization}
-    if spec.evaluation.max_model_len:
-        opts["max_model_len"] = spec.evaluation.max_model_len
+    opts = {"tensor_parallel_size": ev.tensor_parallel_size, "gpu_memory_utilization": ev.gpu_memory_utilization,
+            "dtype": ev.dtype, "enforce_eager": ev.enforce_eager, "timeout_s": ev.timeout_s}
+    if ev.max_model_len:
+        opts["max_model_len"] = ev.max_model_len
     return opts
 
 
@@ -351,7 +403,7 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
     A second call with the same inputs reuses it (no baseline re-evaluation); changed inputs
     are an InputError (trials would be compared with another baseline).
     """
-    from mast.evaluation import make_backend
+    from mast.backends import make_backend
 
     sd = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
     sd.prepared.mkdir(parents=True, exist_ok=True)
@@ -504,7 +556,8 @@ def trial_run(suite: SuiteSpec, trial_seed: int) -> SuiteSpec:
 def evaluate_reference(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir) -> Baselines:
     """Evaluate the reference (SFT) model once per suite, on the same problems as the target's
     baseline (cached like it): the SFT floor every trial is read against."""
-    from mast.evaluation import evaluate, make_backend
+    from mast.backends import make_backend
+    from mast.evaluation import evaluate
 
     out = Baselines({}, {}, {})
     backend = make_backend(spec.evaluation.backend, src.reference, batch_size=spec.evaluation.batch_size,

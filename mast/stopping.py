@@ -104,7 +104,8 @@ def accuracy_check(model_dir, problems: list[dict], suite: SuiteSpec, batch_size
     whose weights are the in-training model (tokenizer and eos ids from `model_dir`, the
     target); the evaluation cache is bypassed (the weights change between checks).
     """
-    from mast.evaluation import HFBackend, evaluate
+    from mast.backends import HFBackend
+    from mast.evaluation import evaluate
 
     class LiveBackend(HFBackend):
         """The hf backend on a model already in memory."""

@@ -12,7 +12,7 @@ Flow (ARCHITECTURE.md, "One trial, as data flows")::
          ─► Ray Tune, one function-trainable trial per grid point (trial.run_trial, with a typed
             TrialContext): select ─► unlearn ─► evaluate every suite ─► McNemar vs the cached
             baseline ─► tune.report + an MLflow child run
-         ─► trials.jsonl, seed_table.json (stats.seed_level_table, Holm over the sweep),
+         ─► trials.jsonl, seed_table.json (seeds.seed_level_table, Holm over the sweep),
             MLflow parent run artifacts, report
 
 Where each file lives: mast.layout.SweepDir. Resume: ``--resume`` restores the Tune experiment
@@ -36,7 +36,7 @@ from mast.config import SweepSpec, load_yaml
 from mast.files import InputError, read_json, write_json, write_jsonl
 from mast.grid import Grid, check_spec, expand_grid, spec_hash, trial_params
 from mast.layout import SweepDir
-from mast.prepare import REPO_ROOT, Prepared, now, prepare
+from mast.prepare import REPO_ROOT, Prepared, check_inputs, now, prepare
 from mast.trial import TrialContext, TrialRow, log_trial_to_mlflow, read_row, run_trial
 
 
@@ -72,6 +72,30 @@ def load_spec(spec_path: Path, data_dir: str | os.PathLike | None) -> SweepSpec:
         spec.data.data_dir = str(dd.resolve())
     check_spec(spec, str(spec_path))
     return spec
+
+
+def trial_gpus(spec: SweepSpec) -> float:
+    """GPUs one trial needs: resources.gpu, and with vLLM at least its tensor-parallel size."""
+    if spec.evaluation.backend == "vllm":
+        return max(spec.resources.gpu, float(spec.evaluation.tensor_parallel_size))
+    return spec.resources.gpu
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Refuse a sweep whose trials could never be placed on the local Ray it would start.
+
+    Skipped when Ray is already initialised (the caller chose the cluster). With $RAY_ADDRESS
+    nothing is refused (a cluster may autoscale); otherwise the local Ray gets this machine's
+    GPUs and ``MAST_RAY_NUM_CPUS`` (default: every core) CPUs (:func:`mast.resources.check_local_gpus`).
+    """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    from mast.resources import check_local_gpus, local_gpu_count
+
+    addr = os.environ.get("RAY_ADDRESS")
+    local = {} if addr and addr != "local" else {
+        "GPU": local_gpu_count(), "CPU": int(os.environ.get("MAST_RAY_NUM_CPUS", os.cpu_count() or 1))}
+    check_local_gpus(trial_gpus(spec), addr, local, spec_cpu=spec.resources.cpu)
 
 
 # --------------------------------------------------------------------------- Ray Tune
@@ -278,8 +302,15 @@ def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None
     """Run (or resume) a sweep; returns the final sweep.json. Raises InputError on bad input."""
     spec_path = Path(spec_path)
     spec = load_spec(spec_path, data_dir)
-    grid = expand_grid(spec, str(spec_path))
+    # every input is checked before the sweep folder, spec.yaml, sweep.json, mlflow.db or the
+    # MLflow parent run exist: a refused sweep leaves nothing behind
     sd = sweep_dir_for(spec, out)
+    try:
+        check_resources(spec)
+        check_inputs(spec, spec_path.parent.resolve(), sd)
+    except InputError as e:
+        raise InputError(f"{spec_path}: {e}") from None
+    grid = expand_grid(spec, str(spec_path))
     meta = _start(spec, spec_path, sd, grid, resume)
 
     # tracking: the store and the experiment exist before any trial starts
@@ -332,7 +363,7 @@ def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None
     write_jsonl(sd.trials_jsonl, dicts)
     table = None
     if any(r.status == "ok" for r in rows):
-        from mast.stats import seed_level_table
+        from mast.seeds import seed_level_table
 
         table = seed_level_table(dicts, suite=None, confidence=spec.evaluation.confidence)
         write_json(sd.seed_table, table)

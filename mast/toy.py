@@ -193,8 +193,8 @@ def generate_task(seed: int = 0, n_unlearn: int = 64, n_eval: int = 200, n_val: 
             rows = rows[:size] if size is not None else rows
             rng.shuffle(rows)
             out[name if split == "unlearn" else f"{name}_{split}"] = rows
-        if len(out[f"{name}_train"]) < 4 * len(out[f"{name}_eval"]) // 2:
-            raise ValueError(f"{name}: too few problems left to train on")
+        if len(out[f"{name}_train"]) < len(out[f"{name}_eval"]):
+            raise ValueError(f"{name}: fewer training problems than test problems; lower n_eval/n_val/n_unlearn")
     return out
 
 

@@ -7,7 +7,7 @@ Every group's prompts go into ONE ``LLM.generate`` call (one ``SamplingParams`` 
 all suites of a trial share one engine start and one continuous batch.
 OUT: ``{"groups": [[[sample, ...n], ...per prompt], ...per group]}`` in request order, a sample
 being :func:`completion_sample`'s dict. The process exits when done, which is what frees
-vLLM's GPU memory; the parent (:class:`mast.evaluation.VLLMBackend`) never imports vLLM.
+vLLM's GPU memory; the parent (:class:`mast.backends.VLLMBackend`) never imports vLLM.
 
 Written against vLLM 0.33 (``vllm/outputs.py``: ``RequestOutput.outputs`` is a list of
 ``CompletionOutput(index, text, token_ids, finish_reason, stop_reason, ...)``;

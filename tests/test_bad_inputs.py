@@ -297,7 +297,6 @@ def test_unlearn_spec_loader_errors(tmp_path):
         load_yaml(p, UnlearnSpec)
 
 
-@pytest.mark.xfail(strict=False, reason="wired after the sweep refactor")
 @pytest.mark.parametrize("model,expected", [
     ("nope", "models.reference: {t}/nope: folder not found"),
     ("broken", "{t}/broken/model.safetensors: not a valid safetensors file"),
@@ -318,6 +317,32 @@ def test_sweep_bad_model_refused_before_creating_anything(tmp_path, data_dir, mo
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert len(lines) == 1 and expected.replace("{t}", str(tmp_path)) in lines[0], p.stderr
     assert _tree(tmp_path) == before  # no sweep.json, spec.yaml, mlflow.db, prepared/, MLflow run
+
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ("models: {toy: {seed: 0, out: {t}/afile}}\ngrid: {rule: [mast]}\n", "models.toy.out: {t}/afile: exists and is not a folder"),
+    ("models: {toy: {seed: 0, out: {t}/notes}}\ngrid: {rule: [mast]}\n", "{t}/notes: folder exists and is not a toy build"),
+    ("models: {toy: {seed: 0}}\ngrid: {rule: [mast]}\nevaluation: {suites: [forget, nope]}\n",
+     "evaluation.suites: unknown suite 'nope'"),
+    ("models: {toy: {seed: 0}}\ngrid: {rule: [mast]}\nevaluation: {suites: [forget, {t}/s.yaml]}\n",
+     "s.yaml: benchmark"),
+], ids=["toy_out_is_a_file", "toy_out_not_a_toy", "unknown_suite", "bad_suite_yaml"])
+def test_sweep_bad_toy_dir_or_suite_refused_before_creating_anything(tmp_path, extra, expected):
+    """The toy folder and every suite are checked with the models, before the sweep folder exists."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "s.yaml").write_text("name: s\nbenchmark: mmlu\n")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("name: badinput\n" + extra.replace("{t}", str(tmp_path)))
+    before = _tree(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "mast.cli", "sweep", str(spec), "--out", str(tmp_path / "sw")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert len(lines) == 1 and expected.replace("{t}", str(tmp_path)) in lines[0], p.stderr
+    assert _tree(tmp_path) == before
 
 
 def test_readers_split_rows_on_newlines_only_and_name_the_bad_byte(tmp_path):

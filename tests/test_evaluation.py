@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from mast.backends import HFBackend, VLLMBackend, encode_prompts, truncate_at_stop
 from mast.config import DecodingSpec, ProbeSpec, SuiteSpec
-from mast.evaluation import (
-    HFBackend,
-    VLLMBackend,
-    encode_prompts,
-    evaluate,
-    load_suite_problems,
-    prefix_recovery,
-    solution_prefix,
-    truncate_at_stop,
-)
+from mast.evaluation import evaluate, load_suite_problems
 from mast.files import InputError, read_jsonl
+from mast.probe import prefix_recovery, solution_prefix
 from mast.prompts import format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,3 +327,13 @@ def test_vllm_matches_hf_greedy(toy_dir, tmp_path):
     same = sum(a["response"] == b["response"] for a, b in zip(vl.records, hf.records))
     assert same >= 0.9 * len(hf.records)
     assert vl.accuracy == hf.accuracy
+
+
+def test_backend_and_probe_names_still_resolve_from_evaluation():
+    """mast.evaluation was the backends' and the probe's home: those names still import from it."""
+    from mast import backends, evaluation, probe
+
+    for name in ("HFBackend", "VLLMBackend", "make_backend", "encode_prompts", "truncate_at_stop", "BACKENDS"):
+        assert getattr(evaluation, name) is getattr(backends, name)
+    for name in ("prefix_recovery", "solution_prefix", "probe_items", "score_probe", "probe_output_path"):
+        assert getattr(evaluation, name) is getattr(probe, name)

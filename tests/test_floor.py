@@ -8,7 +8,7 @@ import json
 import pytest
 from test_stats import make_trials  # noqa: I001  (tests/ is on sys.path under pytest)
 
-from mast import floor, report, stats
+from mast import floor, report, seeds, stats
 from mast.files import write_json, write_jsonl
 from mast.tracking import trial_metrics
 
@@ -110,8 +110,8 @@ def _sweep_with_floors(root):
 
 def test_seed_table_leaves_null_trials_out(tmp_path):
     trials, _ = _sweep_with_floors(tmp_path)
-    with_null = stats.seed_level_table(trials, suite=None)
-    without = stats.seed_level_table([t for t in trials if not floor.is_null(t)], suite=None)
+    with_null = seeds.seed_level_table(trials, suite=None)
+    without = seeds.seed_level_table([t for t in trials if not floor.is_null(t)], suite=None)
     assert with_null["conditions"] == without["conditions"] and with_null["comparisons"] == without["comparisons"]
     assert not any(c["condition"].startswith("null") for c in with_null["conditions"])
     assert any("null trial(s)" in n for n in with_null["notes"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_stats import CANDIDATES, make_trials  # noqa: I001  (tests/ is on sys.path under pytest)
 
-from mast import doc, plots, report, stats
+from mast import doc, plots, report, seeds, stats
 from mast.cli import main
 from mast.files import read_jsonl, write_json, write_jsonl
 
@@ -37,7 +37,7 @@ def write_sweep(root: Path, n_seeds=3, ks=(2, 4, 8), with_probe=True, with_faile
                 "all_parameters": t["config"]["rule"] == "full",
                 "candidates": [{**c, "selected": c["name"] in sel} for c in CANDIDATES]})
     write_jsonl(root / "trials.jsonl", trials)
-    write_json(root / "seed_table.json", stats.seed_level_table(trials, suite=None))
+    write_json(root / "seed_table.json", seeds.seed_level_table(trials, suite=None))
     (root / "spec.yaml").write_text(SPEC)
     write_json(root / "sweep.json", {"name": "synthetic", "spec_hash": "abc123", "code_version": "deadbeef0001",
                                      "n_trials": len(trials), "baseline_evaluations": {"forget": 1, "retain": 1},
@@ -110,8 +110,8 @@ def test_report_tables_match_per_trial_results(sweep, built):
         for s in ("retain", "gsm8k"):
             deltas = [by_id[tid]["suites"][s]["delta"] for tid in row["trial_ids"]]
             assert row["suites"][s]["mean_delta"] == pytest.approx(sum(deltas) / len(deltas))
-    # the seed table is stats.seed_level_table over every suite (one Holm family)
-    assert data["seed_table"] == json.loads(json.dumps(stats.seed_level_table(trials, suite=None)))
+    # the seed table is seeds.seed_level_table over every suite (one Holm family)
+    assert data["seed_table"] == json.loads(json.dumps(seeds.seed_level_table(trials, suite=None)))
     assert data["seed_table"] == json.loads((sweep / "seed_table.json").read_text())
     md = (built / "report.md").read_text()
     # the paper's form for one trial, in the every-trial table

@@ -128,3 +128,38 @@ def test_check_local_resources_also_refuses_a_trial_wider_than_the_local_cpus():
     with pytest.raises(InputError, match=r"^resources.cpu: a trial needs 8 CPU\(s\) but the local Ray would have 2"):
         check_local_gpus(0.0, None, {"GPU": 0, "CPU": 2}, spec_cpu=8)
     check_local_gpus(0.0, "ray://head:10001", {"CPU": 2}, spec_cpu=8)  # a cluster: its nodes decide
+
+
+def test_mast_sweep_refuses_more_gpus_than_the_local_ray_would_have_and_leaves_nothing(tmp_path):
+    """No RAY_ADDRESS: the sweep would start a local Ray and wait for ever; it is refused before any folder."""
+    import os
+
+    want = local_gpu_count() + 1  # this machine, whatever it has, cannot place the trial
+    (tmp_path / "s.yaml").write_text(SWEEP + f"resources: {{gpu: {want}}}\n")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-m", "mast.cli", "sweep", str(tmp_path / "s.yaml"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"resources.gpu: a trial needs {want} GPU(s) but this machine has {want - 1}" in lines[0]
+    assert not out.exists() and sorted(q.name for q in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_vllm_backend_gets_the_engine_options_and_the_timeout_of_the_spec():
+    """prepare.backend_options passes every vLLM setting of evaluation: to VLLMBackend (by its own names)."""
+    import inspect
+
+    from mast.backends import VLLMBackend
+    from mast.prepare import backend_options
+
+    spec = SweepSpec.model_validate({
+        "name": "x", "models": {"toy": {"seed": 0}}, "grid": {"rule": ["mast"]}, "resources": {"gpu": 2},
+        "evaluation": {"backend": "vllm", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.7,
+                       "max_model_len": 4096, "dtype": "bfloat16", "enforce_eager": True, "timeout_s": 600}})
+    opts = backend_options(spec)
+    assert opts == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.7, "max_model_len": 4096,
+                    "dtype": "bfloat16", "enforce_eager": True, "timeout_s": 600}
+    assert set(opts) <= set(inspect.signature(VLLMBackend).parameters)
+    assert backend_options(spec.model_copy(update={"evaluation": spec.evaluation.model_copy(
+        update={"backend": "hf"})})) == {}

@@ -15,17 +15,9 @@ from types import SimpleNamespace as NS
 
 import pytest
 
+from mast.backends import HFBackend, hf_sample, run_with_timeout
 from mast.config import DecodingSpec, SuiteSpec
-from mast.evaluation import (
-    HFBackend,
-    accuracy,
-    evaluate,
-    evaluate_many,
-    hf_sample,
-    run_with_timeout,
-    sample_matrix,
-    truncated_rate,
-)
+from mast.evaluation import accuracy, evaluate, evaluate_many, sample_matrix, truncated_rate
 from mast.prompts import format_prompt
 from mast.vllm_worker import completion_sample, convert_request_outputs, sampling_kwargs
 

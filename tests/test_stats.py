@@ -11,7 +11,7 @@ from scipy import stats as st
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from mast import stats
+from mast import seeds, stats
 from mast.cli import main
 from mast.files import InputError, write_jsonl
 
@@ -306,13 +306,13 @@ def test_t_interval():
 
 def test_seed_level_table_on_simulated_sweep():
     trials, _, _ = make_trials()
-    table = stats.seed_level_table(trials, suite=None)
+    table = seeds.seed_level_table(trials, suite=None)
     assert table["suites"] == ["forget", "retain", "gsm8k"]
     ok = [t for t in trials if t["status"] == "ok"]
     assert [f["trial_id"] for f in table["failed"]] == ["mast_simnpo_k2_s0"]
     # every condition's numbers come from its trials
     for c in table["conditions"]:
-        rows = [t for t in ok if stats.condition_label(t["config"]) == c["condition"]]
+        rows = [t for t in ok if seeds.condition_label(t["config"]) == c["condition"]]
         assert sorted(t["config"]["seed"] for t in rows) == c["seeds"]
         deltas = [next(t for t in rows if t["config"]["seed"] == s)["suites"][c["suite"]]["delta"] for s in c["seeds"]]
         assert c["deltas"] == deltas and c["mean_delta"] == pytest.approx(np.mean(deltas))
@@ -347,13 +347,13 @@ def test_seed_level_table_on_simulated_sweep():
 
 def test_seed_table_one_suite_keeps_sweep_family():
     trials, _, _ = make_trials(with_failed=False)
-    whole = stats.seed_level_table(trials, suite=None)
-    forget = stats.seed_level_table(trials, suite="forget")
+    whole = seeds.seed_level_table(trials, suite=None)
+    forget = seeds.seed_level_table(trials, suite="forget")
     assert {c["suite"] for c in forget["comparisons"]} == {"forget"}
     assert forget["family"]["size"] == whole["family"]["size"]
     want = {(c["condition"], c["baseline"]): c["p_holm"] for c in whole["comparisons"] if c["suite"] == "forget"}
     assert {(c["condition"], c["baseline"]): c["p_holm"] for c in forget["comparisons"]} == want
-    table_only = stats.seed_level_table(trials, suite="forget", family="table")
+    table_only = seeds.seed_level_table(trials, suite="forget", family="table")
     assert table_only["family"]["size"] == len(table_only["comparisons"]) == 12
     ref = multipletests([c["p_raw"] for c in table_only["comparisons"]], method="holm")[1]
     assert [c["p_holm"] for c in table_only["comparisons"]] == pytest.approx(list(ref))
@@ -364,33 +364,33 @@ def test_seed_table_matching_and_errors():
                                with_failed=False)
     # drop full's seed 2: the comparison vs full uses the 2 matched seeds and records the unmatched one
     trials = [t for t in trials if not (t["config"]["rule"] == "full" and t["config"]["seed"] == 2)]
-    table = stats.seed_level_table(trials)
+    table = seeds.seed_level_table(trials)
     c = next(c for c in table["comparisons"] if c["condition"] == "mast/npo/k=2" and c["baseline"] == "full")
     assert c["seeds"] == [0, 1] and c["unmatched_seeds"] == [2] and c["n"] == 2
     # the full baseline run at another k of the grid is the same condition: first one used, noted
     dup = dict(next(t for t in trials if t["config"]["rule"] == "full"), trial_id="full_again")
     dup["config"] = {**dup["config"], "k": 99}
-    table = stats.seed_level_table(trials + [dup])
+    table = seeds.seed_level_table(trials + [dup])
     assert any("full_again repeats" in n for n in table["notes"])
     mast0 = next(t for t in trials if t["config"]["rule"] == "mast")
     with pytest.raises(InputError, match="same condition mast/npo/k=2 and seed 0"):
-        stats.seed_level_table(trials + [dict(mast0, trial_id="again")])
+        seeds.seed_level_table(trials + [dict(mast0, trial_id="again")])
     with pytest.raises(InputError, match="no ok trial has suite 'gsm8k'"):
-        stats.seed_level_table(trials, suite="gsm8k")
+        seeds.seed_level_table(trials, suite="gsm8k")
     with pytest.raises(InputError, match="status must be"):
-        stats.seed_level_table(trials + [{"trial_id": "x", "status": "running", "config": {"rule": "mast", "seed": 0}}])
+        seeds.seed_level_table(trials + [{"trial_id": "x", "status": "running", "config": {"rule": "mast", "seed": 0}}])
     with pytest.raises(InputError, match="primary test"):
-        stats.seed_level_table(trials, primary="z")
+        seeds.seed_level_table(trials, primary="z")
 
 
 def test_seed_table_single_seed_is_not_tested():
     trials, _, _ = make_trials(n_seeds=1, ks=(2,), objectives=("npo",), suites=(("forget", 60, 0.5),),
                                with_failed=False)
-    table = stats.seed_level_table(trials)
+    table = seeds.seed_level_table(trials)
     assert table["family"]["size"] == 0
     assert all(c["p_raw"] is None and c["reject"] is None for c in table["comparisons"])
     assert any("left out of the Holm family" in n for n in table["notes"])
-    text = stats.format_seed_table(table)
+    text = seeds.format_seed_table(table)
     assert "mast/npo/k=2 vs full" in text and "left out of the Holm family" in text
 
 
@@ -400,8 +400,8 @@ def test_text_table_formats_numbers_as_the_report_does():
 
     assert (fmt_p(1e-4), fmt_p(0.0078125), fmt_p(1.0), fmt_p(None)) == ("1.0e-04", "0.0078", "1", "–")
     trials, _, _ = make_trials(ks=(2,), objectives=("npo",))
-    table = stats.seed_level_table(trials)
-    text = stats.format_seed_table(table)
+    table = seeds.seed_level_table(trials)
+    text = seeds.format_seed_table(table)
     for c in table["comparisons"]:
         line = next(x for x in text.splitlines() if x.startswith(f"{c['condition']} vs {c['baseline']} "))
         assert line.split()[-2:] == [fmt_p(c["p_holm"]), {None: "-", True: "yes", False: "no"}[c["reject"]]]
@@ -438,7 +438,7 @@ def test_cli_seeds_folder_file_and_csv(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "mast/npo/k=2 vs full" in text and "failed trials (1" in text
     table = json.loads(out.read_text())
-    assert table == json.loads(json.dumps(stats.seed_level_table(trials) | {"source": str(sweep)}))
+    assert table == json.loads(json.dumps(seeds.seed_level_table(trials) | {"source": str(sweep)}))
     assert main(["stats", "seeds", str(sweep / "trials.jsonl"), "--suite", "all"]) == 0
     assert "== suite gsm8k" in capsys.readouterr().out
     # a wide CSV (e.g. exported from MLflow) with params./metrics. columns
@@ -451,7 +451,7 @@ def test_cli_seeds_folder_file_and_csv(tmp_path, capsys):
     (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
     assert main(["stats", "seeds", str(tmp_path / "t.csv"), "--out", str(tmp_path / "csv.json")]) == 0
     from_csv = json.loads((tmp_path / "csv.json").read_text())
-    want = stats.seed_level_table([t for t in trials if t["status"] == "ok"], suite="forget",
+    want = seeds.seed_level_table([t for t in trials if t["status"] == "ok"], suite="forget",
                                   family="sweep")
     # gsm8k is not in the CSV, so the sweep family is smaller; the raw tests agree
     assert [c["p_raw"] for c in from_csv["comparisons"]] == pytest.approx([c["p_raw"] for c in want["comparisons"]])
@@ -471,9 +471,21 @@ def test_rho_grid_matches_baselines_that_ignore_rho():
         rule = t["config"]["rule"]
         for rho in ((0.05, 0.1) if rule == "mast" else (0.05,)):
             rows.append({**t, "trial_id": f"{t['trial_id']}_rho{rho}", "config": {**t["config"], "rho": rho}})
-    table = stats.seed_level_table(rows)
+    table = seeds.seed_level_table(rows)
     comps = {(c["condition"], c["baseline"]): c for c in table["comparisons"]}
     assert set(comps) == {("mast/npo/k=2/rho=0.05", "full"), ("mast/npo/k=2/rho=0.05", "random"),
                           ("mast/npo/k=2/rho=0.1", "full"), ("mast/npo/k=2/rho=0.1", "random"),
                           ("random/npo/k=2", "full")}
     assert all(c["n"] == 3 for c in comps.values())
+
+
+def test_seed_level_names_still_resolve_from_stats():
+    """mast.stats was the seed-level table's home: its names still resolve there, to the same objects."""
+    for name in ("seed_level_table", "format_seed_table", "condition_label", "condition_config", "sort_key",
+                 "seed_sort", "varying_keys", "RULE_ORDER", "OBJ_ORDER", "PRIMARY_TESTS"):
+        assert getattr(stats, name) is getattr(seeds, name)
+    from mast.stats import seed_level_table
+
+    assert seed_level_table is seeds.seed_level_table
+    with pytest.raises(AttributeError):
+        stats.no_such_name  # noqa: B018
