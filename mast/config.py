@@ -267,6 +267,9 @@ class DataSpec(Spec):
     # MATH only: unlearning's retain texts are a third disjoint draw, so the `retain` suite is
     # scored on problems the retain loss never saw (0 = no retain texts: retain term off)
     retain_train_size: int = Field(150, ge=0)
+    # MATH only: a retain-VALIDATION draw (suite `retain_val`) for choices (lr, steps, stop level),
+    # disjoint by id and normalized text from forget, retain and the retain texts (0 = none)
+    retain_val_size: int = Field(0, ge=0)
 
 
 class EvaluationSpec(Spec):
@@ -292,6 +295,14 @@ class EvaluationSpec(Spec):
     timeout_s: float | None = Field(10800.0, gt=0.0, description="vLLM worker: kill it after this many seconds")
     # the noise floor: a `null` trial (no weight change) per seed, evaluated exactly like a trial
     noise_floor: bool = True
+    # validation suites (forget_val, retain_val): scored after unlearning for CHOICES only (the
+    # matched-forgetting level along an lr/steps axis); never reported as results
+    validation: list[Literal["forget_val", "retain_val"]] = Field(default_factory=list)
+    # equivalence margin (absolute accuracy) of the TOST behind "preserved", fixed before the run
+    equivalence_margin: float = Field(0.02, gt=0.0, lt=1.0)
+    # matched forgetting along an lr/steps axis: the forget_val accuracy level to match (None: the
+    # strongest forgetting that every rule's curve reaches on validation)
+    matched_level: float | None = Field(None, ge=0.0, le=1.0)
 
     @field_validator("limits")
     @classmethod

@@ -25,6 +25,7 @@ from mast.files import InputError, stable_hash
 from mast.registry import K_FREE_RULES, NULL_RULE, NULL_RULES, OBJECTIVE_FACTS, RHO_RULES, RULE_FACTS
 
 OWN_SUITES = ("forget", "retain")  # the sweep's own splits
+VAL_SUITES = ("forget_val", "retain_val")  # their validation splits: choices only, never reported
 ID_KEYS = ("rule", "objective", "k", "seed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -202,14 +203,21 @@ def check_spec(spec: SweepSpec, source: str = "spec") -> None:
     names = [suite_name(s) for s in spec.evaluation.suites]
     if len(set(names)) != len(names):
         raise InputError(f"{source}: evaluation.suites: duplicate suite names {names}")
-    unknown = sorted(set(spec.evaluation.limits) - set(names))
+    unknown = sorted(set(spec.evaluation.limits) - set(names) - set(VAL_SUITES))
     if unknown:
-        raise InputError(f"{source}: evaluation.limits: {unknown[0]!r} is not one of the suites {names}")
+        raise InputError(f"{source}: evaluation.limits: {unknown[0]!r} is not one of the suites {names} "
+                         f"nor a validation suite {list(VAL_SUITES)}")
     if spec.scheduler.kind == "asha":
         suite = spec.scheduler.metric.split("/", 1)[0]
         if suite not in names or "/" not in spec.scheduler.metric:
             raise InputError(f"{source}: scheduler.metric: {spec.scheduler.metric!r} must be '<suite>/<metric>' "
                              f"with a suite of evaluation.suites {names}")
+    val = spec.evaluation.validation
+    if spec.models.toy is None and "forget_val" in val:
+        raise InputError(f"{source}: evaluation.validation: MATH sweeps have no forget_val (the forget set is "
+                         "trained on and evaluated itself); use retain_val")
+    if spec.models.toy is None and "retain_val" in val and spec.data.retain_val_size == 0:
+        raise InputError(f"{source}: evaluation.validation: retain_val needs data.retain_val_size > 0")
     if spec.evaluation.backend == "vllm" and spec.resources.gpu <= 0:
         raise InputError(f"{source}: resources.gpu: the vllm backend needs a GPU per trial (gpu > 0)")
 

@@ -1,8 +1,9 @@
-"""The report's five plots (matplotlib, Agg) and the pure helpers behind them.
+"""The report's plots (matplotlib, Agg) and the pure helpers behind them.
 
 Forget drop vs retain change with the Pareto front; deltas vs k with seed spread;
 prefix-recovery curves; which layers / projections each rule selects; MAST signals of one
-selection. Each returns the PNG written, or None when the sweep has nothing to draw.
+selection; each rule's forgetting curve along an lr/steps axis. Each returns the PNG written, or
+None when the sweep has nothing to draw.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def _probe_curves(probe: dict) -> tuple[list[float], list[float] | None, list[fl
     return list(probe.get("fractions") or []), acc(probe.get("before")), acc(probe.get("after"))
 
 
-def plot_probe(trials: list[dict], out: Path) -> Path | None:
+def plot_probe(trials: list[dict], out: Path, title: str = "Prefix recovery on the forget set") -> Path | None:
     """Prefix-recovery: accuracy vs fraction of the reference solution given, per objective, a line per rule."""
     ok = [t for t in trials if t["status"] == "ok" and t.get("probe")]
     if not ok:
@@ -269,7 +270,7 @@ def plot_probe(trials: list[dict], out: Path) -> Path | None:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, title="rule (trials; all k pooled)", loc="outside right center", frameon=False)
-    fig.suptitle("Prefix recovery on the forget set (mean over trials; band: range)")
+    fig.suptitle(f"{title} (mean over trials; band: range)")
     fig.savefig(out)
     return out
 
@@ -364,5 +365,51 @@ def plot_signals(selection: dict, out: Path, title: str) -> Path | None:
     step = max(1, math.ceil(len(L) / 16))
     axes[0].set_yticks(L[::step])
     fig.suptitle(title + " (cyan boxes: selected)")
+    fig.savefig(out)
+    return out
+
+
+def plot_forgetting_curves(trials: list[dict], axes_keys: Sequence[str], retain_suite: str, out: Path,
+                           level_drop: float | None = None) -> Path | None:
+    """Each rule's forget-vs-retain curve along the lr/steps axis (test suites; mean over seeds and k
+    pooled per (rule, objective, k)); points labelled by the axis value. A dotted vertical line marks
+    the forget drop at the matched level when given."""
+    ok = [t for t in trials if t["status"] == "ok" and "forget" in t.get("suites", {})
+          and retain_suite in t.get("suites", {})]
+    if not ok or not axes_keys:
+        return None
+    objs = _ordered([t["config"].get("objective") for t in ok], stats.OBJ_ORDER)
+    rules = _ordered([t["config"]["rule"] for t in ok], stats.RULE_ORDER)
+    colors, markers = _style(rules, objs)
+    fig = _figure(4.4 * len(objs) + 1.8, 4.0)
+    axs = fig.subplots(1, len(objs), squeeze=False)[0]
+    for ax, o in zip(axs, objs):
+        lines: dict[tuple, dict[tuple, list[tuple[float, float]]]] = {}
+        for t in ok:
+            c = t["config"]
+            if c.get("objective") != o:
+                continue
+            key = (c["rule"], None if c["rule"] in K_FREE_RULES else c.get("k"))
+            at = tuple(c.get(a) for a in axes_keys)
+            lines.setdefault(key, {}).setdefault(at, []).append(
+                (-100 * t["suites"]["forget"]["delta"], 100 * t["suites"][retain_suite]["delta"]))
+        for (rule, k), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            order = sorted(pts, key=lambda a: tuple(float(x or 0) for x in a))
+            xs = [statistics.mean(p[0] for p in pts[a]) for a in order]
+            ys = [statistics.mean(p[1] for p in pts[a]) for a in order]
+            ax.plot(xs, ys, color=colors[rule], marker=markers[o], lw=1.4, ms=5,
+                    label=rule if k is None else f"{rule} k={k}")
+            for a, x, y in zip(order, xs, ys):
+                ax.annotate("/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in a), (x, y),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points", color=colors[rule])
+        if level_drop is not None:
+            ax.axvline(100 * level_drop, color="black", ls=":", lw=1.0)
+        ax.axhline(0, color="#999", lw=0.8)
+        ax.set_title(f"objective: {o}")
+        ax.set_xlabel("forget accuracy drop (points, test)")
+        ax.set_ylabel(f"{retain_suite} accuracy change (points, test)")
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(f"Forgetting curves along {', '.join(axes_keys)} (mean over seeds)")
     fig.savefig(out)
     return out

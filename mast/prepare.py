@@ -25,6 +25,10 @@ Which data is which:
   ``data/forget_eval.jsonl`` / ``data/retain_eval.jsonl``: forgetting is measured on problems
   of the forgotten skill the unlearning never saw (capability removal, not memorisation).
 - any other suite name is a suite YAML (a path, or ``eval/<name>.yaml``).
+- validation suites (``evaluation.validation``: ``forget_val`` / ``retain_val``; the toy's
+  ``data/*_val.jsonl``, MATH's ``data.retain_val_size`` draw) are evaluated on the target here and
+  by every trial, for choices only (:mod:`mast.matched`), never reported; ``unlearning.stop``'s
+  check scores forget_val (toy) or the forget problems themselves (MATH): ``prepared/suites/stop.jsonl``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 from mast.config import SuiteSpec, SweepSpec, load_suite
 from mast.files import InputError, read_json, read_jsonl, stable_hash, write_json, write_jsonl
 from mast.floor import rl_gain
-from mast.grid import OWN_SUITES, grid_rhos, needs_generated_texts, ordered_suites, suite_name
+from mast.grid import OWN_SUITES, VAL_SUITES, grid_rhos, needs_generated_texts, ordered_suites, suite_name
 from mast.layout import SweepDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +97,11 @@ class Prepared:
     generated_texts: bool
     reference_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
     rl_gain: dict[str, dict] = dataclasses.field(default_factory=dict)  # suite -> floor.rl_gain
+    # validation suites (choices only, never reported): name -> spec, and the target's accuracy on them
+    validation: dict[str, SuiteSpec] = dataclasses.field(default_factory=dict)
+    validation_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
+    # unlearning.stop: the suite and problems (prepared/suites/stop.jsonl) its check scores
+    stop_suite: SuiteSpec | None = None
     evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
     reference_evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -102,6 +111,8 @@ class Prepared:
         """prepared.json (everything but the evaluation counts of this call)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._RUN_COUNTS}
         d["suites"] = {n: s.model_dump(mode="json") for n, s in self.suites.items()}
+        d["validation"] = {n: s.model_dump(mode="json") for n, s in self.validation.items()}
+        d["stop_suite"] = self.stop_suite.model_dump(mode="json") if self.stop_suite is not None else None
         return d
 
     @classmethod
@@ -109,6 +120,8 @@ class Prepared:
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
         d["suites"] = {n: SuiteSpec.model_validate(s) for n, s in d["suites"].items()}
+        d["validation"] = {n: SuiteSpec.model_validate(s) for n, s in (d.get("validation") or {}).items()}
+        d["stop_suite"] = SuiteSpec.model_validate(d["stop_suite"]) if d.get("stop_suite") else None
         return cls(**{**d, "evaluations": evaluations, "reference_evaluations": dict(evaluations)})
 
 
@@ -141,11 +154,15 @@ def sources(spec: SweepSpec, sd: SweepDir, data_dir: str | None) -> Sources:
         retain = read_jsonl(data / "retain.jsonl", required=full)
         forget_eval = read_jsonl(data / "forget_eval.jsonl", required=("id", "prompt", "answer"))
         retain_eval = read_jsonl(data / "retain_eval.jsonl", required=("id", "prompt", "answer"))
+        own = {"forget": forget_eval, "retain": retain_eval}
+        for n in VAL_SUITES:  # the toy's validation sets (format >= 3), disjoint from everything else
+            if (data / f"{n}.jsonl").is_file():
+                own[n] = read_jsonl(data / f"{n}.jsonl", required=("id", "prompt", "answer"))
         return Sources(kind="toy", toy_dir=str(toy_dir), reference=str(toy_dir / "sft"),
                        target=str(toy_dir / "rlvr"), base=str(toy_dir / "base"),
                        forget_texts=forget[: spec.data.forget_size], retain_texts=retain[: spec.data.retain_size],
-                       own={"forget": forget_eval, "retain": retain_eval}, own_template="qwen_boxed",
-                       own_yaml={n: toy_dir / "suites" / f"{n}.yaml" for n in OWN_SUITES})
+                       own=own, own_template="qwen_boxed",
+                       own_yaml={n: toy_dir / "suites" / f"{n}.yaml" for n in OWN_SUITES + VAL_SUITES})
     from mast.data import build_splits, load_math_pool
 
     reference = resolve_model(spec.models.reference, "reference")
@@ -154,12 +171,16 @@ def sources(spec: SweepSpec, sd: SweepDir, data_dir: str | None) -> Sources:
     pool = load_math_pool(data_dir)
     d = spec.data
     n_forget = d.forget_size * (4 if d.require_target_correct else 1)
-    forget, retain_all = build_splits(pool, n_forget, d.retain_size + d.retain_train_size, d.split_seed,
-                                      levels=d.levels, subjects=d.subjects)
+    forget, retain_all, *val = build_splits(pool, n_forget, d.retain_size + d.retain_train_size, d.split_seed,
+                                            levels=d.levels, subjects=d.subjects, n_retain_val=d.retain_val_size)
     retain, retain_train = retain_all[: d.retain_size], retain_all[d.retain_size:]
+    own = {"forget": forget, "retain": retain}
+    if val:  # data.retain_val_size > 0: the MATH retain-validation draw (scored like the retain suite)
+        own["retain_val"] = val[0]
+    yamls = {n: REPO_ROOT / "eval" / f"math_{n}.yaml" for n in OWN_SUITES}
     return Sources(kind="math", reference=reference, target=target, base=base, forget_texts=forget,
-                   retain_texts=retain_train, own={"forget": forget, "retain": retain}, own_template="qwen_boxed",
-                   own_yaml={n: REPO_ROOT / "eval" / f"math_{n}.yaml" for n in OWN_SUITES})
+                   retain_texts=retain_train, own=own, own_template="qwen_boxed",
+                   own_yaml={**yamls, "retain_val": yamls["retain"]})
 
 
 def _find_suite_yaml(entry: str, spec_dir: Path | None, toy_dir: Path | None) -> Path | None:
@@ -238,6 +259,52 @@ def resolve_suites(spec: SweepSpec, src: Sources, spec_dir: Path | None, data_di
     return out
 
 
+def _own_suite(src: Sources, name: str, spec: SweepSpec) -> SuiteSpec:
+    """The settings of one of the sweep's own (or validation) suites, without a probe: the toy's
+    ``suites/<name>.yaml`` or ``eval/math_*.yaml`` (else defaults), with the sweep's overrides."""
+    yaml_path = src.own_yaml.get(name)
+    if yaml_path and Path(yaml_path).is_file():
+        suite = load_suite(yaml_path)
+    else:
+        suite = SuiteSpec(name=name, benchmark="jsonl", split_role="forget" if name.startswith("forget") else "retain",
+                          grader="math", template=src.own_template)
+    return _suite_with_overrides(suite, name, spec).model_copy(update={"probe": None, "limit": None})
+
+
+def resolve_validation(spec: SweepSpec, src: Sources) -> dict[str, Suite]:
+    """The validation suites of ``evaluation.validation`` (forget_val, retain_val) with their problems.
+
+    They exist for choices (the matched-forgetting level, lr/steps): disjoint from the reported
+    suites, scored by every trial, never reported as results. The toy has both; MATH has
+    ``retain_val`` with ``data.retain_val_size`` > 0 (its forget set is both trained on and
+    evaluated, as in the paper, so it has no forget_val).
+    """
+    out: dict[str, Suite] = {}
+    for name in spec.evaluation.validation:
+        if name not in src.own:
+            how = ("set data.retain_val_size > 0" if name == "retain_val" and src.kind == "math"
+                   else "the MATH forget set is trained on and evaluated itself" if src.kind == "math"
+                   else "rebuild the toy (format >= 3 writes validation sets)")
+            raise InputError(f"evaluation.validation: no {name!r} problems for this sweep ({how})")
+        out[name] = Suite(_own_suite(src, name, spec), _limited(src.own[name], spec, name))
+    return out
+
+
+def _limited(problems: list[dict], spec: SweepSpec, name: str) -> list[dict]:
+    """The first ``evaluation.limits[name]`` problems (all without a limit)."""
+    n = spec.evaluation.limits.get(name)
+    return problems[:n] if n else problems
+
+
+def stop_suite(spec: SweepSpec, src: Sources) -> Suite | None:
+    """What ``unlearning.stop``'s check scores: the forget-VALIDATION problems (toy), else the forget
+    problems themselves (MATH, where forgetting those exact problems is the goal); None without stop."""
+    if spec.unlearning.stop is None and not any(spec.grid.get("stop") or []):
+        return None
+    if "forget_val" in src.own:
+        return Suite(_own_suite(src, "forget_val", spec).model_copy(update={"name": "stop"}),
+                     _limited(src.own["forget_val"], spec, "forget_val"))
+    return Suite(_own_suite(src, "forget", spec).model_copy(update={"name": "stop"}), src.forget_texts)
 def toy_dir_of(spec: SweepSpec, sd: SweepDir) -> Path:
     """Where the toy triple is built (or reused): ``models.toy.out``, else inside the sweep folder."""
     return Path(spec.models.toy.out).expanduser().resolve() if spec.models.toy.out else sd.default_toy
@@ -303,11 +370,21 @@ def backend_options(spec: SweepSpec) -> dict:
 # --------------------------------------------------------------------------- prepare
 
 
-def prepared_key(spec: SweepSpec, src: Sources, suites: dict[str, Suite]) -> str:
-    """Content address of prepared/: models' fingerprints, split and suite ids, what was evaluated."""
+def prepared_key(spec: SweepSpec, src: Sources, suites: dict[str, Suite], validation: dict[str, Suite] | None = None,
+                 stop: Suite | None = None) -> str:
+    """Content address of prepared/: models' fingerprints, split and suite ids, what was evaluated
+    (validation suites and the stop check's problems only when there are any: older keys stay)."""
     from mast.files import fingerprint_model
 
+    extra = {}
+    if validation:
+        extra["validation"] = {n: {"spec": {k: v for k, v in s.spec.model_dump(mode="json").items() if k != "path"},
+                                   "ids": [p["id"] for p in s.problems]} for n, s in validation.items()}
+    if stop is not None:
+        extra["stop"] = {"spec": {k: v for k, v in stop.spec.model_dump(mode="json").items() if k != "path"},
+                         "ids": [p["id"] for p in stop.problems]}
     return stable_hash({
+        **extra,
         "v": PREPARED_VERSION,
         "reference": fingerprint_model(src.reference), "target": fingerprint_model(src.target),
         "forget_texts": [p["id"] for p in src.forget_texts], "retain_texts": [p["id"] for p in src.retain_texts],
@@ -332,7 +409,9 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
     sd.prepared.mkdir(parents=True, exist_ok=True)
     src = sources(spec, sd, data_dir)
     suites = resolve_suites(spec, src, spec_dir, data_dir)
-    key = prepared_key(spec, src, suites)
+    validation = resolve_validation(spec, src)
+    stop = stop_suite(spec, src)
+    key = prepared_key(spec, src, suites, validation, stop)
     if sd.prepared_manifest.is_file():
         old = read_json(sd.prepared_manifest)
         if old.get("key") == key and all(sd.baseline_results(n).is_file() and sd.reference_results(n).is_file()
@@ -349,6 +428,7 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
                            **backend_options(spec))
     try:
         base = evaluate_baselines(spec, src, suites, sd, backend)
+        val_acc = evaluate_validation(src, validation, sd, backend)
         generated = None
         if needs_generated_texts(spec):
             generated = _generated_texts(src, suites, base.records, backend, template, sd)
@@ -368,6 +448,10 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
         write_jsonl(sd.reference_results(name), reference.records[name])
         if name in probes:
             write_json(sd.baseline_probe(name), probes[name])
+    for name, s in validation.items():
+        write_jsonl(sd.suite_problems(name), s.problems)
+    if stop is not None:  # MATH: the forget problems as chosen (require_target_correct may have changed them)
+        write_jsonl(sd.suite_problems("stop"), stop.problems if "forget_val" in src.own else src.forget_texts)
     for name, records in base.selection_runs.items():
         write_jsonl(sd.baseline_selection_run(name), records)
     gains = {n: rl_gain(reference.records[n], baseline[n]) for n in suites}
@@ -380,6 +464,8 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
            **{n: len(s.problems) for n, s in suites.items()}},
         selection_cache=str(sd.selection_cache), generated_texts=generated is not None,
         reference_accuracy={n: g["reference_acc"] for n, g in gains.items()}, rl_gain=gains,
+        validation={n: s.spec for n, s in validation.items()}, validation_accuracy=val_acc,
+        stop_suite=stop.spec if stop is not None else None,
         evaluations=evaluations, reference_evaluations=reference.evaluations)
     write_json(sd.prepared_manifest, prepared.manifest())  # written last: its presence means prepared/ is complete
     return prepared
@@ -436,6 +522,21 @@ def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], 
             out.probes[name] = res.probe
         _log(f"baseline {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"
              f"{' (cache hit)' if res.cache_hit else ''} in {res.seconds:.0f}s")
+    return out
+
+
+def evaluate_validation(src: Sources, validation: dict[str, Suite], sd: SweepDir, backend) -> dict[str, float]:
+    """The target's accuracy on each validation suite (records in baseline/<name>.jsonl): the
+    starting point of the validation curves the matched level is chosen on."""
+    from mast.evaluation import evaluate
+
+    out = {}
+    for name, s in validation.items():
+        res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
+                       progress=True)
+        write_jsonl(sd.baseline_results(name), res.records)
+        out[name] = res.accuracy
+        _log(f"baseline {name} (validation): {res.n_correct}/{res.n} = {res.accuracy:.3f}")
     return out
 
 

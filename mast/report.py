@@ -28,7 +28,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mast import floor, plots, stats
+from mast import floor, matched, plots, stats
+from mast.config import EvaluationSpec
 from mast.doc import Doc, fmt_ci, fmt_count, fmt_p, fmt_pp, fmt_pvals
 from mast.files import InputError, atomic_dir, read_json, write_json
 from mast.layout import SweepDir
@@ -126,7 +127,8 @@ def build_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     with atomic_dir(out) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
         doc = Doc()
-        data = _compose(doc, name, trials, ok, failed, table, info, spec, selection, sel_trial, tmp)
+        mf = matched_forgetting(sd, trials, spec) if ok else None
+        data = _compose(doc, name, trials, ok, failed, table, info, spec, selection, sel_trial, tmp, mf)
         (tmp / "report.md").write_text(doc.markdown(), encoding="utf-8")
         (tmp / "report.html").write_text(doc.html(f"MAST sweep report: {name}"), encoding="utf-8")
         write_json(tmp / "report.json", data)
@@ -134,7 +136,8 @@ def build_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     return out
 
 
-def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selection, sel_trial, tmp: Path) -> dict:
+def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selection, sel_trial, tmp: Path,
+             mf: dict | None = None) -> dict:
     doc.h(1, f"MAST sweep report: {name}")
     sha = info.get("code_version")
     doc.p(f"{len(trials)} trials: {len(ok)} ok, {len(failed)} failed. Code version `{sha or 'unknown'}`, "
@@ -153,14 +156,24 @@ def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selecti
         data["noise_floor"] = noise
         data["sft_floor"] = sft
         data["seed_table"] = table
+        mf = mf or matched.matched_rows([], lambda *_: None, 0.02)
+        data["matched_forgetting"] = mf["rows"]
+        data["matched_forgetting_info"] = {k: v for k, v in mf.items() if k != "rows"}
+        _matched(doc, mf, noise)
         _headline(doc, head, suites, noise)
         _floors(doc, noise, sft, suites)
         _significance(doc, table)
         doc.h(2, "Plots")
         unlearned = [t for t in trials if not floor.is_null(t)]
+        at_match = [t for t in unlearned if t.get("trial_id") in {r["trial_id"] for r in mf["rows"]}]
+        level_drop = _level_drop(mf)
         for key, fn in (("tradeoff", lambda p: plots.plot_tradeoff(unlearned, suites, p)),
+                        ("forgetting_curves", lambda p: plots.plot_forgetting_curves(
+                            unlearned, mf["axes"], mf["primary_retain"] or "", p, level_drop)),
                         ("deltas_vs_k", lambda p: plots.plot_deltas_vs_k(table, p)),
-                        ("prefix_recovery", lambda p: plots.plot_probe(unlearned, p))):
+                        ("prefix_recovery", lambda p: plots.plot_probe(unlearned, p)),
+                        ("prefix_recovery_matched", lambda p: plots.plot_probe(
+                            at_match, p, "Prefix recovery at matched forgetting"))):
             path = fn(tmp / f"{key}.png")
             if path:
                 pngs[key] = path.name
@@ -180,6 +193,12 @@ def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selecti
                            "their seed range shaded.",
             "prefix_recovery": "Prefix-recovery probe on the forget set: accuracy when the first part of the "
                                "reference solution is given (mean over trials, band: range).",
+            "forgetting_curves": "Each rule's forget drop vs retain change along the lr/steps axis (test "
+                                 "suites, mean over seeds; labels: axis values). Dotted: the mean forget drop "
+                                 "of the matched points (level chosen on validation).",
+            "prefix_recovery_matched": "Prefix recovery of the trials read AT MATCHED FORGETTING (one per rule, "
+                                       "objective, k and seed): a rule whose curve climbs back with a short "
+                                       "prefix forgot only at the surface.",
             "selection": "Selection frequency of each layer x projection per rule, over that rule's trials.",
             "signals": "The MAST score and the three signals of every candidate tensor, for one trial's selection.",
         }
@@ -203,6 +222,87 @@ def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selecti
     if spec:
         doc.code(spec, "Sweep spec as run (spec.yaml)")
     return data
+
+
+def _spec_evaluation(spec: str | None) -> EvaluationSpec:
+    """The spec's evaluation settings (equivalence margin, matched level); defaults when unreadable."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(spec or "") or {}
+        return EvaluationSpec.model_validate(d.get("evaluation") or {})
+    except Exception:  # an old or hand-edited spec.yaml: the report still renders, with the defaults
+        return EvaluationSpec()
+
+
+def matched_forgetting(sd: SweepDir, trials: list[dict], spec: str | None) -> dict:
+    """report.json ``matched_forgetting`` (:func:`mast.matched.matched_rows`) with the per-problem test
+    records of the trial folders (a report built from MLflow without them has no p_vs_full)."""
+    from mast.files import read_jsonl
+
+    ev = _spec_evaluation(spec)
+
+    def records(trial_id: str, suite: str) -> list[dict] | None:
+        p = sd.trial(trial_id).results(suite)
+        return read_jsonl(p) if p.is_file() else None  # a report from MLflow alone: no p_vs_full
+
+    return matched.matched_rows(trials, records, ev.equivalence_margin, ev.matched_level, confidence=ev.confidence)
+
+
+def _level_drop(mf: dict) -> float | None:
+    drops = [r["forget_drop"] for r in mf["rows"] if r["forget_drop"] is not None and r["reached"]]
+    return sum(drops) / len(drops) if drops and mf["axes"] else None
+
+
+def _matched(doc: Doc, mf: dict, noise: dict) -> None:
+    doc.h(2, "Headline: rules at matched forgetting")
+    rows = mf["rows"]
+    if not rows:
+        doc.p("No matched-forgetting reading: no unlearned trial finished." + (f" ({mf['note']})" if mf.get("note")
+                                                                              else ""))
+        return
+    how = {"stop": "each trial stopped when its forget-VALIDATION criterion reached the target (unlearning.stop); "
+                   "a rule that never got there within its step cap is marked reached = no and read at the cap",
+           "axis": f"along the {', '.join(mf['axes'])} axis, each curve is read at its first point whose "
+                   f"forget-VALIDATION accuracy is at or below {mf['level']:.3f}" if mf["level"] is not None else "",
+           "single": "one trial per rule (no stop, no lr/steps axis): forgetting is NOT matched; read the "
+                     "forget drop column before comparing retain"}[mf["mode"]]
+    prim = mf["primary_retain"]
+    doc.p(f"Rules compared where they forget equally: {how}. The level is chosen on validation suites; every "
+          "number below is read on the TEST suites. Drops are before − after (points; forget: larger = more "
+          f"forgotten). Per retain suite: the change with its Newcombe 95% interval and the verdict of two "
+          f"one-sided Tango tests against ±{100 * mf['margin']:.0f} points (evaluation.equivalence_margin, fixed "
+          "before the run): **preserved** only when equivalence holds, else **not shown** (with a few hundred "
+          "problems that is common: it means the data cannot exclude a loss of the margin, not that one "
+          f"occurred). p vs full: exact McNemar between this rule's and full's unlearned models (same "
+          f"objective and seed) on the same {prim} problems, Holm over the {mf['holm_family']} such tests.")
+    summary = matched.summarize(mf)
+    doc.table(["objective", "rule", "k", "seeds reached", "val forget acc", "forget drop (pp, test)",
+               f"{prim} drop (pp, test)", "steps", f"{prim} preserved", "p vs full < 0.05 (Holm)"],
+              [[str(r["objective"]), r["rule"], "–" if r["k"] is None else str(r["k"]),
+                f"{r['reached']}/{r['seeds']}", "–" if r["val_forget"] is None else f"{r['val_forget']:.3f}",
+                fmt_pp(r["forget_drop"], signed=False), fmt_pp(r["retain_drop"], signed=False),
+                "–" if r["steps"] is None else f"{r['steps']:.0f}", f"{r['preserved']}/{r['seeds']}",
+                f"{r['vs_full_significant']}/{r['vs_full_tested']}" if r["vs_full_tested"] else "–"]
+               for r in summary])
+    suites = sorted({s for r in rows for s in r["retain"]}, key=lambda s: (s != prim, s))
+    headers = ["objective", "rule", "k", "seed", "steps", "reached", "forget drop (pp)"]
+    for s in suites:
+        headers += [f"{s} Δ (pp) [Newcombe CI]", f"{s} verdict", f"{s} p vs full (Holm)"]
+    table = []
+    for r in rows:
+        row = [str(r["objective"]), r["rule"], "–" if r["k"] is None else str(r["k"]), str(r["seed"]),
+               "–" if r["steps"] is None else str(r["steps"]), {True: "yes", False: "**no**", None: "–"}[r["reached"]],
+               fmt_pp(r["forget_drop"], signed=False)]
+        for s in suites:
+            e = r["retain"].get(s)
+            row += ([f"{fmt_pp(e['delta'])} {fmt_ci(e['ci_low'], e['ci_high'])}", e["verdict"], fmt_p(e["p_vs_full"])]
+                    if e else ["–"] * 3)
+        table.append(row)
+    doc.table(headers, table)
+    if noise:
+        doc.p("Read these against the noise floor below: " + "; ".join(
+            f"{s}: flip rate {100 * e['flip_rate']:.1f}%" for s, e in noise.items()) + ".")
 
 
 def sft_floor_summary(info: dict, trials: Sequence[dict], head: list[dict], suites: list[str]) -> dict:

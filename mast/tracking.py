@@ -106,6 +106,12 @@ def trial_metrics(row: dict) -> dict[str, float]:
         if m.get("samples_test"):
             out[f"{suite}/samples_p"] = float(m["samples_test"]["p_value"])
             out[f"{suite}/accuracy_avg_n"] = float(m["samples_test"]["acc_after"])
+    for suite, v in (row.get("validation") or {}).items():  # choices only: logged under validation/
+        out[f"validation/{suite}/accuracy"] = float(v["acc_after"])
+    if row.get("steps_run") is not None:
+        out["unlearning/steps_run"] = float(row["steps_run"])
+    if row.get("stop_reached") is not None:
+        out["unlearning/stop_reached"] = float(bool(row["stop_reached"]))
     for suite, f in (row.get("sft_floor") or {}).items():
         out[f"{suite}/reference_accuracy"] = float(f["reference_acc"])
         out[f"{suite}/below_reference"] = float(bool(f["below_reference"]))
@@ -252,6 +258,8 @@ class Tracker:
             for key in ("forget", "retain", "total"):
                 if r.get(key) is not None:
                     rows.append((f"train/{key}", r[key], int(r["step"])))
+        for h in row.get("stop_history") or []:  # unlearning.stop's check, by step (0 = before unlearning)
+            rows.append(("stop/value", float(h["value"]), int(h["step"])))
         self.log_metric_rows(run_id, rows, timestamp)
         for suite, table in tables.items():
             self.log_table(run_id, table, f"results/{suite}.json")

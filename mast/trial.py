@@ -1,6 +1,11 @@
 """One trial (runs in a Ray worker): select -> unlearn -> evaluate every suite -> McNemar vs the
 cached baseline -> the trial's row (``result.json``, one line of trials.jsonl) + its MLflow run.
 
+With ``unlearning.stop`` the unlearning loop checks the forget criterion in-loop
+(:func:`stop_check`) and the row records ``steps_run``, ``stop_reached``, ``stop_threshold`` and
+``stop_history`` (matched forgetting; ``stopped_early`` keeps meaning "ASHA stopped it"). The
+validation suites are scored last, into ``validation`` (choices only, never a reported result).
+
 Every suite is scored with the evaluation cache bypassed (a fresh backend, the suite's decoding),
 and read against the SFT floor (:mod:`mast.floor`: share of the RLVR gain removed, below the
 reference). A ``null`` trial (the noise floor) selects nothing and skips unlearning: the target
@@ -59,6 +64,13 @@ class TrialContext:
     keep_checkpoints: bool
     report_each_suite: bool  # ASHA: an intermediate result after each suite
     gpu: float = 0.0  # resources.gpu: > 0 requires CUDA in the trial
+    # validation suites (choices only, never reported): spec, problems, the target's records
+    validation: dict[str, SuiteSpec] = dataclasses.field(default_factory=dict)
+    validation_problems: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    validation_baseline: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    # unlearning.stop: the suite and problems its check scores (prepare.stop_suite)
+    stop_suite: SuiteSpec | None = None
+    stop_problems: list[dict] | None = None
 
     @classmethod
     def build(cls, spec, sd: SweepDir, prepared: Prepared, trials: list[Trial], tracker, parent_run_id: str
@@ -79,7 +91,11 @@ class TrialContext:
             batch_size=spec.evaluation.batch_size, n_bootstrap=spec.evaluation.n_bootstrap,
             confidence=spec.evaluation.confidence, backend_options=backend_options(spec),
             keep_checkpoints=spec.keep_checkpoints, report_each_suite=spec.scheduler.kind == "asha",
-            gpu=spec.resources.gpu)
+            gpu=spec.resources.gpu, validation=dict(prepared.validation),
+            validation_problems={n: read_jsonl(sd.suite_problems(n)) for n in prepared.validation},
+            validation_baseline=load_baseline(sd, list(prepared.validation)),
+            stop_suite=prepared.stop_suite,
+            stop_problems=read_jsonl(sd.suite_problems("stop")) if prepared.stop_suite is not None else None)
 
 
 def load_baseline(sd: SweepDir, suites: list[str]) -> dict[str, list[dict]]:
@@ -103,8 +119,18 @@ class TrialRow:
     partial: bool | None = None  # ASHA: not every suite scored yet (result.json only)
     stopped_early: bool | None = None  # ASHA stopped it: in trials.jsonl instead of `partial`
     sft_floor: dict | None = None  # suite -> floor.sft_floor_entry (gain removed, below reference)
+    # matched forgetting (unlearning.stop): optimiser steps run, whether the stop target was reached
+    # within the cap, and the check history [{"step", "value"}] (step 0 = before unlearning)
+    steps_run: int | None = None
+    stop_reached: bool | None = None
+    stop_metric: str | None = None
+    stop_threshold: float | None = None
+    stop_history: list[dict] | None = None
+    # validation suites: {"n", "acc_before", "acc_after"} per suite (for choices; never reported)
+    validation: dict[str, dict] | None = None
 
-    _OPTIONAL = ("all_parameters", "timing", "partial", "stopped_early", "sft_floor")
+    _OPTIONAL = ("all_parameters", "timing", "partial", "stopped_early", "sft_floor", "steps_run", "stop_reached",
+                 "stop_metric", "stop_threshold", "stop_history", "validation")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -232,8 +258,15 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
         shutil.rmtree(ckpt, ignore_errors=True)
         try:
             res = unlearn(ctx.target, selection, forget, retain, trial.unlearning, ckpt, template=ctx.template,
-                          progress=False)
+                          progress=False, stop_check=stop_check(trial, ctx))
             write_jsonl(td.losses, res.losses)
+            row.steps_run = res.steps_run
+            if trial.unlearning.stop is not None:
+                from mast.stopping import decide
+
+                d = decide(trial.unlearning.stop, res.stop_history)
+                row.stop_reached, row.stop_threshold, row.stop_history = d.reached, d.threshold, res.stop_history
+                row.stop_metric = trial.unlearning.stop.metric
             t_unlearn = time.time()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -247,6 +280,35 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
     td.error.unlink(missing_ok=True)
     log_trial_to_mlflow(ctx.tracker, run_id, row, td, ctx.baseline)
     report(report_metrics(row))
+
+
+def stop_check(trial: Trial, ctx: TrialContext):
+    """The in-loop check of ``unlearning.stop`` (None without it): accuracy on the forget-validation
+    problems under their suite's decoding, or the mean forget NLL per token on them."""
+    stop = trial.unlearning.stop
+    if stop is None:
+        return None
+    from mast.stopping import make_check
+
+    if ctx.stop_suite is None or not ctx.stop_problems:
+        raise RuntimeError("unlearning.stop is set but the sweep prepared no stop problems")
+    return make_check(stop, ctx.target, ctx.stop_problems, suite=ctx.stop_suite, template=ctx.template,
+                      max_length=trial.unlearning.max_length, batch_size=ctx.batch_size)
+
+
+def evaluate_validation(backend, model_dir, ctx: TrialContext, row: TrialRow, td: TrialDir, seed: int) -> None:
+    """Accuracy on each validation suite (records in results/<name>.jsonl): the input of choices
+    (the matched level on an lr/steps axis), never a reported result."""
+    from mast.evaluation import evaluate
+
+    for name, suite in ctx.validation.items():
+        ev = evaluate(model_dir, trial_run(suite, seed), backend=backend, problems=ctx.validation_problems[name],
+                      use_cache=False, progress=False)
+        write_jsonl(td.results(name), ev.records)
+        before = ctx.validation_baseline.get(name) or []
+        row.validation = {**(row.validation or {}), name: {
+            "n": ev.n, "acc_after": ev.accuracy,
+            "acc_before": sum(bool(r["correct"]) for r in before) / len(before) if before else None}}
 
 
 def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row: TrialRow, t_start: float,
@@ -288,5 +350,6 @@ def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row:
                 row.timing = {"started": t_start, "finished": time.time()}
                 write_json(td.result, dataclasses.replace(row, partial=True).to_dict())
                 report(report_metrics(row))
+        evaluate_validation(backend, model_dir, ctx, row, td, seed)
     finally:
         backend.close()

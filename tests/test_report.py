@@ -131,10 +131,12 @@ def test_report_tables_match_per_trial_results(sweep, built):
 def test_html_is_self_contained(built):
     html = (built / "report.html").read_text()
     srcs = re.findall(r"src='([^']*)'", html)
-    assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    # five plots plus prefix recovery at matched forgetting (the grid has no lr/steps axis: no curves)
+    assert len(srcs) == 6 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<table>" in html and "href=" not in html
     md = (built / "report.md").read_text()
-    for png in ("tradeoff.png", "deltas_vs_k.png", "prefix_recovery.png", "selection.png", "signals.png"):
+    for png in ("tradeoff.png", "deltas_vs_k.png", "prefix_recovery.png", "prefix_recovery_matched.png",
+                "selection.png", "signals.png"):
         assert f"]({png})" in md
 
 

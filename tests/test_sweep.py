@@ -173,7 +173,7 @@ def test_shipped_specs_load_and_expand(name):
     if name == "demo":
         assert {t.config["rule"] for t in g.trials} == {"mast", "random", "full", "null"}
         assert {t.config.get("objective") for t in g.trials if t.config["rule"] != "null"} == {"npo", "simnpo"}
-        assert len({t.config["seed"] for t in g.trials}) == 3 and len(g.trials) == 30 + 3  # a null per seed
+        assert len({t.config["seed"] for t in g.trials}) == 3 and len(g.trials) == 18 + 3  # k 8 only; a null per seed
     if name == "paper":
         assert spec.data.forget_size == 150 and spec.evaluation.backend == "vllm" and spec.resources.gpu == 1
         assert spec.models.target == "agentica-org/DeepScaleR-1.5B-Preview"
