@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from mast import stats
+from mast import seeds
 from mast.registry import K_FREE_RULES
 
 RULE_COLORS = {"mast": "#d62728", "full": "#1f77b4", "random": "#7f7f7f", "attention": "#9467bd",
@@ -101,8 +101,8 @@ def plot_tradeoff(trials: list[dict], suites: list[str], out: Path) -> Path | No
     others = [s for s in suites if s != "forget"]
     if not ok or not others:
         return None
-    rules = _ordered([t["config"]["rule"] for t in ok], stats.RULE_ORDER)
-    objs = _ordered([t["config"].get("objective") for t in ok], stats.OBJ_ORDER)
+    rules = _ordered([t["config"]["rule"] for t in ok], seeds.RULE_ORDER)
+    objs = _ordered([t["config"].get("objective") for t in ok], seeds.OBJ_ORDER)
     colors, markers = _style(rules, objs)
     ncol = min(len(others), 3)
     nrow = math.ceil(len(others) / ncol)
@@ -153,8 +153,8 @@ def plot_deltas_vs_k(table: dict, out: Path) -> Path | None:
     if not conds:
         return None
     suites = table["suites"]
-    objs = _ordered([c["config"].get("objective") for c in conds], stats.OBJ_ORDER)
-    rules = _ordered([c["config"]["rule"] for c in conds], stats.RULE_ORDER)
+    objs = _ordered([c["config"].get("objective") for c in conds], seeds.OBJ_ORDER)
+    rules = _ordered([c["config"]["rule"] for c in conds], seeds.RULE_ORDER)
     colors, _ = _style(rules, objs)
     ks = sorted({c["config"]["k"] for c in conds if isinstance(c["config"].get("k"), (int, float))})
     fig = _figure(4.2 * len(objs) + 1.8, 3.0 * len(suites) + 0.6)
@@ -227,8 +227,8 @@ def plot_probe(trials: list[dict], out: Path, title: str = "Prefix recovery on t
     ok = [t for t in trials if t["status"] == "ok" and t.get("probe")]
     if not ok:
         return None
-    objs = _ordered([t["config"].get("objective") for t in ok], stats.OBJ_ORDER)
-    rules = _ordered([t["config"]["rule"] for t in ok], stats.RULE_ORDER)
+    objs = _ordered([t["config"].get("objective") for t in ok], seeds.OBJ_ORDER)
+    rules = _ordered([t["config"]["rule"] for t in ok], seeds.RULE_ORDER)
     colors, _ = _style(rules, objs)
     fig = _figure(4.2 * len(objs) + 1.8, 3.8)
     axes = fig.subplots(1, len(objs), squeeze=False, sharey=True)[0]
@@ -279,7 +279,7 @@ def plot_selection(trials: list[dict], out: Path) -> tuple[Path | None, list[str
     """Heatmap layer x projection of how often each rule selects each tensor (rules that select a subset)."""
     ok = [t for t in trials if t["status"] == "ok" and t.get("selected")]
     rules = _ordered([t["config"]["rule"] for t in ok if t["config"]["rule"] not in K_FREE_RULES],
-                     stats.RULE_ORDER)
+                     seeds.RULE_ORDER)
     if not rules:
         return None, []
     data = {}
@@ -378,8 +378,8 @@ def plot_forgetting_curves(trials: list[dict], axes_keys: Sequence[str], retain_
           and retain_suite in t.get("suites", {})]
     if not ok or not axes_keys:
         return None
-    objs = _ordered([t["config"].get("objective") for t in ok], stats.OBJ_ORDER)
-    rules = _ordered([t["config"]["rule"] for t in ok], stats.RULE_ORDER)
+    objs = _ordered([t["config"].get("objective") for t in ok], seeds.OBJ_ORDER)
+    rules = _ordered([t["config"]["rule"] for t in ok], seeds.RULE_ORDER)
     colors, markers = _style(rules, objs)
     fig = _figure(4.4 * len(objs) + 1.8, 4.0)
     axs = fig.subplots(1, len(objs), squeeze=False)[0]

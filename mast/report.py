@@ -2,7 +2,7 @@
 
 Inputs (the sweep folder of the brief): ``trials.jsonl`` (required), ``sweep.json``, ``spec.yaml``,
 and, when present, ``trials/<id>/selection.json`` (for the selection-signal heatmap). The seed-level
-table is recomputed from trials.jsonl with :func:`mast.stats.seed_level_table` (suite=None: Holm over
+table is recomputed from trials.jsonl with :func:`mast.seeds.seed_level_table` (suite=None: Holm over
 every suite's comparisons), so the report and ``mast stats seeds`` agree.
 
 Output (``SWEEP/report`` by default, written atomically): ``report.md`` (PNG links beside it),
@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mast import floor, matched, plots, stats
+from mast import floor, matched, plots, seeds
 from mast.config import EvaluationSpec
 from mast.doc import Doc, fmt_ci, fmt_count, fmt_p, fmt_pp, fmt_pvals
 from mast.files import InputError, atomic_dir, read_json, write_json
@@ -121,7 +121,7 @@ def build_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     if not ok:
         table = None
     else:
-        table = stats.seed_level_table(trials, suite=None)
+        table = seeds.seed_level_table(trials, suite=None)
     selection, sel_trial = _representative_selection(sd, trials)
     name = info.get("name") or sd.root.name
     with atomic_dir(out) as tmp:
@@ -446,12 +446,12 @@ def _per_trial(doc: Doc, ok: list[dict], suites: list[str]) -> None:
           "problem also the avg@n delta and its paired permutation p (primary), and the share of answers "
           "cut at the token limit when any were.")
     rows = []
-    order = sorted(ok, key=lambda t: (stats.sort_key(stats.condition_config(t["config"])),
-                                      stats.seed_sort(t["config"].get("seed"))))
-    extra = stats.varying_keys(ok)
+    order = sorted(ok, key=lambda t: (seeds.sort_key(seeds.condition_config(t["config"])),
+                                      seeds.seed_sort(t["config"].get("seed"))))
+    extra = seeds.varying_keys(ok)
     for t in order:
         c = t["config"]
-        row = [str(t.get("trial_id")), stats.condition_label(c, extra), str(c.get("seed"))]
+        row = [str(t.get("trial_id")), seeds.condition_label(c, extra), str(c.get("seed"))]
         for s in suites:
             m = t["suites"].get(s)
             if not m:
@@ -477,7 +477,7 @@ def _failed(doc: Doc, failed: list[dict]) -> None:
     rows = []
     for t in failed:
         err = str(t.get("error") or "(no error recorded)")
-        rows.append([str(t.get("trial_id")), stats.condition_label(t.get("config") or {}),
+        rows.append([str(t.get("trial_id")), seeds.condition_label(t.get("config") or {}),
                      str((t.get("config") or {}).get("seed")), err if len(err) <= 400 else err[:400] + " …"])
     doc.table(["trial", "condition", "seed", "error"], rows)
 

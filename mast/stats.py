@@ -409,35 +409,3 @@ def cli_stats(args: argparse.Namespace) -> int:
     raise InputError(f"unknown stats test {args.stats_command!r}")
 
 
-# --------------------------------------------------------------------------- the seed-level table's old home
-
-_MOVED_TO_SEEDS = frozenset({
-    "PRIMARY_TESTS",
-    "PRIMARY_REASON",
-    "condition_key",
-    "condition_label",
-    "varying_keys",
-    "condition_config",
-    "suites_of",
-    "RULE_ORDER",
-    "OBJ_ORDER",
-    "seed_sort",
-    "sort_key",
-    "SeedResult",
-    "ConditionGroup",
-    "group_by_condition",
-    "summarize_condition",
-    "compare_to_baseline",
-    "apply_holm",
-    "seed_level_table",
-    "format_seed_table",
-})
-
-
-def __getattr__(name: str):
-    """``stats.seed_level_table`` and the other seed-level names still resolve (they live in :mod:`mast.seeds`)."""
-    if name in _MOVED_TO_SEEDS:
-        from mast import seeds
-
-        return getattr(seeds, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

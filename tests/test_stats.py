@@ -477,15 +477,3 @@ def test_rho_grid_matches_baselines_that_ignore_rho():
                           ("mast/npo/k=2/rho=0.1", "full"), ("mast/npo/k=2/rho=0.1", "random"),
                           ("random/npo/k=2", "full")}
     assert all(c["n"] == 3 for c in comps.values())
-
-
-def test_seed_level_names_still_resolve_from_stats():
-    """mast.stats was the seed-level table's home: its names still resolve there, to the same objects."""
-    for name in ("seed_level_table", "format_seed_table", "condition_label", "condition_config", "sort_key",
-                 "seed_sort", "varying_keys", "RULE_ORDER", "OBJ_ORDER", "PRIMARY_TESTS"):
-        assert getattr(stats, name) is getattr(seeds, name)
-    from mast.stats import seed_level_table
-
-    assert seed_level_table is seeds.seed_level_table
-    with pytest.raises(AttributeError):
-        stats.no_such_name  # noqa: B018
