@@ -138,7 +138,27 @@ def stop_token_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> lis
 # --------------------------------------------------------------------------- backends
 
 
-class HFBackend:
+class Backend:
+    """What every backend shares: texts, token ids and counts, all derived from ``generate_samples``
+    (per prompt its n samples ``{"text", "n_tokens", "truncated", "finish_reason"}``)."""
+
+    def generate(self, prompts: list[str], decoding: DecodingSpec) -> list[list[str]]:
+        """For each prompt, `decoding.n` completions (greedy: n copies of the one greedy text)."""
+        return self.generate_ids(encode_prompts(self.tokenizer, prompts), decoding)
+
+    def generate_ids(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[str]]:
+        return self.generate_counted(prompt_ids, decoding)[0]
+
+    def generate_counted(self, prompt_ids: list[list[int]], decoding: DecodingSpec):
+        """(texts, counts): per prompt the n completions and their generated-token counts (eos excluded)."""
+        rows = self.generate_samples(prompt_ids, decoding)
+        return [[s["text"] for s in r] for r in rows], [[s["n_tokens"] for s in r] for r in rows]
+
+    def generate_samples(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
+        raise NotImplementedError
+
+
+class HFBackend(Backend):
     """Transformers batched generation.
 
     Prompts are sorted by token length (longest first, so an out-of-memory shows at once),
@@ -211,18 +231,6 @@ class HFBackend:
             stop_strings=list(decoding.stop) or None,
         )
 
-    def generate(self, prompts: list[str], decoding: DecodingSpec) -> list[list[str]]:
-        """For each prompt, `decoding.n` completions (greedy: n copies of the one greedy text)."""
-        return self.generate_ids(encode_prompts(self.tokenizer, prompts), decoding)
-
-    def generate_ids(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[str]]:
-        return self.generate_counted(prompt_ids, decoding)[0]
-
-    def generate_counted(self, prompt_ids: list[list[int]], decoding: DecodingSpec):
-        """(texts, counts): per prompt the n completions and their generated-token counts (eos excluded)."""
-        rows = self.generate_samples(prompt_ids, decoding)
-        return [[s["text"] for s in r] for r in rows], [[s["n_tokens"] for s in r] for r in rows]
-
     def generate_samples(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
         """Per prompt its n samples ``{"text", "n_tokens", "truncated", "finish_reason"}`` (request order)."""
         import torch
@@ -282,7 +290,7 @@ class HFBackend:
                 torch.cuda.empty_cache()
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     """vLLM generation in its own process (``python -m mast.vllm_worker IN OUT``).
 
     The parent tokenizes (same ids as the hf backend) and writes prompt ids + sampling
@@ -315,16 +323,6 @@ class VLLMBackend:
         }
         self.timeout_s = timeout_s
         self.progress = progress
-
-    def generate(self, prompts: list[str], decoding: DecodingSpec) -> list[list[str]]:
-        return self.generate_ids(encode_prompts(self.tokenizer, prompts), decoding)
-
-    def generate_ids(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[str]]:
-        return self.generate_counted(prompt_ids, decoding)[0]
-
-    def generate_counted(self, prompt_ids: list[list[int]], decoding: DecodingSpec):
-        rows = self.generate_samples(prompt_ids, decoding)
-        return [[s["text"] for s in r] for r in rows], [[s["n_tokens"] for s in r] for r in rows]
 
     def generate_samples(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
         return self.generate_groups([(prompt_ids, decoding)])[0]

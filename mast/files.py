@@ -34,11 +34,10 @@ def read_text(path: str | os.PathLike) -> str:
         raise InputError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:
-    """Rows of a JSONL file; blank lines are skipped, each row must be an object with `required`."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of each non-blank line of a JSONL file; InputError naming the file and line
+    when a line is not JSON or not an object."""
     path = Path(path)
-    required = tuple(required)
-    rows = []
     # split on "\n" only: splitlines() would also split at a U+2028 inside a JSON string
     for lineno, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
@@ -49,6 +48,14 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[di
             raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:
+    """Rows of a JSONL file; blank lines are skipped, each row must be an object with `required`."""
+    required = tuple(required)
+    rows = []
+    for lineno, row in iter_jsonl(path):
         missing = [k for k in required if k not in row]
         if missing:
             raise InputError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")

@@ -22,7 +22,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from mast.files import InputError, read_text, write_jsonl
+from mast.files import InputError, iter_jsonl, write_jsonl
 
 BENCHMARKS = ("math", "gsm8k")
 log = logging.getLogger(__name__)
@@ -377,15 +377,7 @@ def cli_grade(args) -> int:
             raise InputError(f"--out {out}: {parent} is not a directory")
     path = Path(args.input)
     rows = []
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    for lineno, row in iter_jsonl(path):
         for key in ("id", "benchmark", "gold", "response"):
             if key not in row:
                 raise InputError(f"{path}:{lineno}: missing field {key!r}")
