@@ -148,9 +148,10 @@ def tango_ci(n: int, right_to_wrong: int, wrong_to_right: int, confidence: float
     est = (c - b) / n
     eps = 1e-12
     # Z(d0) decreases in d0: the lower limit solves Z = z, the upper Z = -z
-    lo = -1.0 if est <= -1 + eps else brentq(lambda d: tango_z(n, b, c, d) - z, -1 + eps, min(est, 1 - eps) + eps,
+    # brackets kept inside (-1, 1): at est = -1 (every answer lost) est - eps rounds to -1.0
+    lo = -1.0 if est <= -1 + eps else brentq(lambda d: tango_z(n, b, c, d) - z, -1 + eps, min(est + eps, 1 - eps),
                                                xtol=1e-12)
-    hi = 1.0 if est >= 1 - eps else brentq(lambda d: tango_z(n, b, c, d) + z, max(est, -1 + eps) - eps, 1 - eps,
+    hi = 1.0 if est >= 1 - eps else brentq(lambda d: tango_z(n, b, c, d) + z, max(est - eps, -1 + eps), 1 - eps,
                                            xtol=1e-12)
     return float(lo), float(hi)
 

@@ -150,3 +150,15 @@ def test_selecting_on_one_run_and_testing_against_another_is_not_biased_but_test
     biased = np.mean(p["biased"] < 0.05)
     assert independent <= 0.10  # non-significant in >= 90% of repetitions
     assert biased >= 0.20 and biased >= 5 * independent
+
+
+@pytest.mark.parametrize("b, c", [(100, 0), (0, 100), (60, 0)])
+def test_extreme_tables_every_answer_lost_or_gained(b, c):
+    """A retain suite that loses (or gains) every answer still gets an interval and a verdict."""
+    from mast.equivalence import retention_summary, tango_ci
+
+    n = 100
+    lo, hi = tango_ci(n, b, c)
+    assert -1.0 <= lo <= (c - b) / n <= hi <= 1.0
+    s = retention_summary(n, b, c, n - b - c if b + c < n else 0, margin=0.02)
+    assert s["verdict"] == "not shown" and s["ci_low"] <= s["delta"] <= s["ci_high"]
