@@ -98,3 +98,23 @@ def toy_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy") / "toy"
     build_toy(out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def triple(tmp_path_factory, tiny_pair) -> tuple[Path, Path, Path]:
+    """(base, reference, target): the tiny model, its planted-increment copy, and a further RLVR-like step
+    on layer 0's o_proj."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, ref = tiny_pair
+    target = tmp_path_factory.mktemp("triple") / "target"
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("self_attn.o_proj.weight") and ".0." in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(ref).save_pretrained(target)
+    return base, ref, target

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mast.cli import main
 from mast.diagnostics import delta_summary
@@ -24,24 +22,6 @@ def test_delta_summary_is_exact():
     assert s["share_up"] == pytest.approx(2 / 6) and s["share_down"] == pytest.approx(1 / 6)
     assert s["quantiles"]["q50"] == pytest.approx(np.median(d))
     assert delta_summary([], 0.1) == {"n_tokens": 0}
-
-
-@pytest.fixture(scope="module")
-def triple(tmp_path_factory, tiny_pair) -> tuple[Path, Path, Path]:
-    """(base, reference, target): tiny model, its planted-increment copy, and a further RLVR-like step on o_proj."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base, ref = tiny_pair
-    target = tmp_path_factory.mktemp("diag") / "target"
-    model = AutoModelForCausalLM.from_pretrained(ref)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("self_attn.o_proj.weight") and ".0." in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(ref).save_pretrained(target)
-    return base, ref, target
 
 
 def test_cli_diagnose_writes_summary_and_figures(triple, problems, tmp_path, capsys):

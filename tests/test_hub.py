@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mast.cli import main
 from mast.files import InputError, write_jsonl
@@ -40,24 +39,6 @@ def fill_hub_cache(hf_home: Path, repo_id: str, folder: Path, revision: str = RE
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snap
-
-
-@pytest.fixture(scope="module")
-def triple(tmp_path_factory, tiny_pair) -> tuple[Path, Path, Path]:
-    """(base, reference, target) tiny checkpoints: the tiny model, its planted copy, one more step on o_proj."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base, ref = tiny_pair
-    target = tmp_path_factory.mktemp("hub_triple") / "target"
-    model = AutoModelForCausalLM.from_pretrained(ref)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("self_attn.o_proj.weight") and ".0." in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(ref).save_pretrained(target)
-    return base, ref, target
 
 
 @pytest.fixture()
