@@ -320,6 +320,18 @@ def test_unlearn_spec_loader_errors(tmp_path):
         load_yaml(p, UnlearnSpec)
 
 
+def _assert_sweep_refused(spec: Path, tmp_path: Path, expected: str) -> None:
+    """`mast sweep SPEC` (a real process) exits 2 with one line containing `expected` and creates nothing:
+    no sweep folder, spec.yaml, sweep.json, mlflow.db, prepared/ or MLflow run."""
+    before = _tree(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "mast.cli", "sweep", str(spec), "--out", str(tmp_path / "sw")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert len(lines) == 1 and expected.replace("{t}", str(tmp_path)) in lines[0], p.stderr
+    assert _tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("model,expected", [
     ("nope", "models.reference: {t}/nope: folder not found"),
     ("broken", "{t}/broken/model.safetensors: not a valid safetensors file"),
@@ -333,13 +345,7 @@ def test_sweep_bad_model_refused_before_creating_anything(tmp_path, data_dir, mo
     spec.write_text(f"name: badmodel\nmodels: {{reference: {tmp_path / model}, target: {tmp_path / 'ok'}}}\n"
                     f"data: {{data_dir: {data_dir}, forget_size: 2, retain_size: 2, retain_train_size: 0}}\n"
                     "grid: {rule: [mast]}\n")
-    before = _tree(tmp_path)
-    p = subprocess.run([sys.executable, "-m", "mast.cli", "sweep", str(spec), "--out", str(tmp_path / "sw")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    assert len(lines) == 1 and expected.replace("{t}", str(tmp_path)) in lines[0], p.stderr
-    assert _tree(tmp_path) == before  # no sweep.json, spec.yaml, mlflow.db, prepared/, MLflow run
+    _assert_sweep_refused(spec, tmp_path, expected)
 
 
 
@@ -359,13 +365,7 @@ def test_sweep_bad_toy_dir_or_suite_refused_before_creating_anything(tmp_path, e
     (tmp_path / "s.yaml").write_text("name: s\nbenchmark: mmlu\n")
     spec = tmp_path / "sweep.yaml"
     spec.write_text("name: badinput\n" + extra.replace("{t}", str(tmp_path)))
-    before = _tree(tmp_path)
-    p = subprocess.run([sys.executable, "-m", "mast.cli", "sweep", str(spec), "--out", str(tmp_path / "sw")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    assert len(lines) == 1 and expected.replace("{t}", str(tmp_path)) in lines[0], p.stderr
-    assert _tree(tmp_path) == before
+    _assert_sweep_refused(spec, tmp_path, expected)
 
 
 def test_readers_split_rows_on_newlines_only_and_name_the_bad_byte(tmp_path):
