@@ -29,6 +29,17 @@ _TENSOR = re.compile(r"layers\.(\d+)\..*?(\w+_proj)\b")
 # --------------------------------------------------------------------------- pure helpers
 
 
+def _legend_entries(axes) -> tuple[list, list[str]]:
+    """(handles, labels) of every axis, each label once, in first-seen order: one figure legend."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    return handles, labels
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points not dominated when maximising both coordinates, sorted by x.
 
@@ -200,13 +211,7 @@ def plot_deltas_vs_k(table: dict, out: Path) -> Path | None:
                 ax.set_xlabel("k (tensors updated)")
             if j == 0:
                 ax.set_ylabel(f"{s} Δ accuracy (points)")
-    handles, labels = [], []
-    for row in axes:
-        for ax in row:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
+    handles, labels = _legend_entries([ax for row in axes for ax in row])
     fig.legend(handles, labels, title="rule", loc="outside right center", frameon=False)
     fig.suptitle("Accuracy change vs k\n(dots: seeds, line: their mean; dashed line + band: k-free baseline, seed range)")
     fig.savefig(out)
@@ -263,12 +268,7 @@ def plot_probe(trials: list[dict], out: Path, title: str = "Prefix recovery on t
         ax.set_xticklabels([f"{100 * f:.0f}%" for f in fr])
         ax.grid(alpha=0.25)
     axes[0].set_ylabel("forget-set accuracy (%)")
-    handles, labels = [], []
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+    handles, labels = _legend_entries(axes)
     fig.legend(handles, labels, title="rule (trials; all k pooled)", loc="outside right center", frameon=False)
     fig.suptitle(f"{title} (mean over trials; band: range)")
     fig.savefig(out)
