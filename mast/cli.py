@@ -1,4 +1,4 @@
-"""The `mast` command line: one subcommand per stage (the contract in ARCHITECTURE.md).
+"""The `mast` command line: one subcommand per stage (the contract in docs/architecture.md).
 
 This file only parses arguments. Each subcommand's handler lives beside the code it drives
 (`mast.<module>.cli_<command>(args) -> int`) and is imported on use (a plain import inside a
@@ -54,7 +54,7 @@ def _grade(args) -> int:
 
 
 def _stats(args) -> int:
-    from mast.stats import cli_stats
+    from mast.seeds import cli_stats
 
     return cli_stats(args)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from mast.config import SelectionSpec, SweepSpec, UnlearnSpec, validate
 from mast.files import InputError, stable_hash
-from mast.registry import K_FREE_RULES, NULL_RULE, NULL_RULES, OBJECTIVE_FACTS, RHO_RULES, RULE_FACTS
+from mast.registry import NULL_RULE, NULL_RULES, OBJECTIVE_FACTS, RHO_RULES, RULE_FACTS, uses_k
 
 OWN_SUITES = ("forget", "retain")  # the sweep's own splits
 VAL_SUITES = ("forget_val", "retain_val")  # their validation splits: choices only, never reported
@@ -79,7 +79,7 @@ def trial_id(config: dict) -> str:
     if rule in NULL_RULES:
         return f"{rule}-s{config['seed']}"
     parts = [str(rule), str(config["objective"])]
-    if rule not in K_FREE_RULES:
+    if uses_k(rule):
         parts.append(f"k{config['k']}")
     parts.append(f"s{config['seed']}")
     extra = {k: v for k, v in sorted(config.items()) if k not in ID_KEYS}
@@ -121,7 +121,7 @@ def expand_grid(spec: SweepSpec, source: str = "spec") -> Grid:
         config.update({k: v for k, v in point.items() if k not in config})
         if rule in NULL_RULES:  # no weight change: only the seed matters
             config = {"rule": rule, "seed": unl["seed"]}
-        if rule in K_FREE_RULES and "k" in point and point["k"] != first["k"]:
+        if not uses_k(rule) and "k" in point and point["k"] != first["k"]:
             dropped.append(f"{rule} ignores k (k={point['k']})")
             continue
         if rule not in RHO_RULES and "rho" in point and point["rho"] != first["rho"]:
@@ -166,7 +166,7 @@ def trial_params(trial: Trial) -> dict[str, Any]:
     if not facts.changes_weights:  # null: nothing is selected nor trained
         return {"rule": sel.rule, "seed": unl.seed}
     params: dict[str, Any] = {"rule": sel.rule}
-    if facts.uses_k:
+    if uses_k(sel.rule):
         params["k"] = sel.k
     if facts.uses_rho:
         params["rho"] = sel.rho

@@ -2,7 +2,7 @@
 
 :func:`resolve_model` returns a local folder holding ``config.json``:
 
-- an existing folder is checked (``config.json`` present: :func:`check_checkpoint_dir`, the one
+- an existing folder is checked (``config.json`` present: :func:`mast.models.check_checkpoint_dir`, the one
   model-folder check) and returned as an absolute path;
 - anything that looks like a path (``./x``, ``/x``, ``~/x``) but is no folder is an error;
 - anything else is a Hub id (``org/name``), resolved by ``huggingface_hub.snapshot_download``
@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from mast.files import InputError
+from mast.models import check_checkpoint_dir
 
 # what a checkpoint needs for loading, tokenizing and chat templates; no *.bin / *.pt duplicates
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
@@ -37,19 +38,6 @@ def hub_cache_dir() -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
     return Path(home).expanduser() / "hub"
-
-
-def check_checkpoint_dir(path: str | os.PathLike, field: str) -> Path:
-    """`path` as an absolute Path when it is a folder with config.json; InputError naming `field` otherwise."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise InputError(f"{field}: {path}: folder not found")
-    if not (p / "config.json").is_file():
-        raise InputError(f"{field}: {path}: not a checkpoint folder (no config.json)")
-    from mast.models import check_checkpoint
-
-    check_checkpoint(p)  # configs are JSON objects, every safetensors file complete (headers only)
-    return p.resolve()
 
 
 def looks_like_path(name: str) -> bool:

@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from mast.equivalence import retention_summary
-from mast.registry import K_FREE_RULES, NULL_RULES
+from mast.registry import NULL_RULES, uses_k
 from mast.stats import holm, mcnemar_test
 
 AXES = ("lr", "steps")  # grid fields a forgetting curve runs along
@@ -50,7 +50,7 @@ def axis_keys(trials: Sequence[dict]) -> list[str]:
 def curve_key(config: dict, axes: Sequence[str]) -> tuple:
     """A curve: the trial's config without the axis fields (k dropped for k-free rules)."""
     c = {k: v for k, v in config.items() if k not in axes}
-    if c.get("rule") in K_FREE_RULES:
+    if not uses_k(c.get("rule")):
         c.pop("k", None)
     return tuple(sorted((k, repr(v)) for k, v in c.items()))
 
@@ -148,7 +148,7 @@ def matched_rows(trials: Sequence[dict], records: RecordsFn, margin: float, leve
     rows, tests = [], []  # tests: (row index, suite, raw p)
     for t, reached in chosen.values():
         cfg = t["config"]
-        row = {"objective": cfg.get("objective"), "k": None if cfg["rule"] in K_FREE_RULES else cfg.get("k"),
+        row = {"objective": cfg.get("objective"), "k": cfg.get("k") if uses_k(cfg["rule"]) else None,
                "rule": cfg["rule"], "seed": cfg.get("seed"), "trial_id": t.get("trial_id"), "steps": _steps(t),
                **{a: cfg.get(a) for a in axes}, "reached": reached, "val_forget": validation_forget(t),
                "forget_drop": _drop(t, FORGET), "retain_drop": _drop(t, primary) if primary else None,

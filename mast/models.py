@@ -32,14 +32,28 @@ DEFAULT_PATTERNS = ("q_proj", "k_proj", "v_proj", "o_proj")
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def check_checkpoint_dir(path: str | os.PathLike, field: str) -> Path:
+    """`path` as an absolute Path when it is a folder with config.json; InputError naming `field` otherwise.
+
+    The one model-folder check: folder, config.json, then :func:`check_checkpoint` (configs are JSON
+    objects, every safetensors file complete; headers only). :func:`mast.hub.resolve_model` runs it on
+    local folders; :func:`check_model_dir` adds the safetensors requirement of the tensor readers.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise InputError(f"{field}: {path}: folder not found")
+    if not (p / "config.json").is_file():
+        raise InputError(f"{field}: {path}: not a checkpoint folder (no config.json)")
+    check_checkpoint(p)
+    return p.resolve()
+
+
 def check_model_dir(model_dir: str | os.PathLike, what: str = "model") -> Path:
     """The folder as a Path, or InputError naming it (missing, no config / safetensors, broken weights).
 
-    The folder / config.json / weights part is :func:`mast.hub.check_checkpoint_dir` (the one
-    model-folder check); the commands resolve Hub ids with :func:`mast.hub.resolve_model` before this.
+    :func:`check_checkpoint_dir` plus at least one safetensors file; the commands resolve Hub ids
+    with :func:`mast.hub.resolve_model` before this.
     """
-    from mast.hub import check_checkpoint_dir
-
     check_checkpoint_dir(model_dir, what)
     d = Path(model_dir)
     if not (d / INDEX_FILE).is_file() and not any(d.glob("*.safetensors")):

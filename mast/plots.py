@@ -14,8 +14,10 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from mast import seeds
-from mast.registry import K_FREE_RULES
+from mast.registry import uses_k
 
 RULE_COLORS = {"mast": "#d62728", "full": "#1f77b4", "random": "#7f7f7f", "attention": "#9467bd",
                "off_principal": "#ff7f0e", "magnitude": "#2ca02c", "coupling": "#8c564b"}
@@ -278,7 +280,7 @@ def plot_probe(trials: list[dict], out: Path, title: str = "Prefix recovery on t
 def plot_selection(trials: list[dict], out: Path) -> tuple[Path | None, list[str]]:
     """Heatmap layer x projection of how often each rule selects each tensor (rules that select a subset)."""
     ok = [t for t in trials if t["status"] == "ok" and t.get("selected")]
-    rules = _ordered([t["config"]["rule"] for t in ok if t["config"]["rule"] not in K_FREE_RULES],
+    rules = _ordered([t["config"]["rule"] for t in ok if uses_k(t["config"]["rule"])],
                      seeds.RULE_ORDER)
     if not rules:
         return None, []
@@ -297,8 +299,6 @@ def plot_selection(trials: list[dict], out: Path) -> tuple[Path | None, list[str
         return None, notes
     L = list(range(min(layers_all), max(layers_all) + 1))
     P = sorted(projs_all, key=lambda p: (PROJ_ORDER.index(p) if p in PROJ_ORDER else 9, p))
-    import numpy as np
-
     fig = _figure(min(2.0 + 1.9 * len(rules), 16), max(3.0, 0.26 * len(L) + 1.6))
     axes = fig.subplots(1, len(rules), squeeze=False, sharey=True)[0]
     im = None
@@ -337,7 +337,6 @@ def plot_signals(selection: dict, out: Path, title: str) -> Path | None:
                if any(isinstance(c.get(s), (int, float)) for c in cands)]
     if not cands or not signals:
         return None
-    import numpy as np
     from matplotlib.patches import Rectangle
 
     lp = [parse_tensor_name(c["name"]) for c in cands]
@@ -389,7 +388,7 @@ def plot_forgetting_curves(trials: list[dict], axes_keys: Sequence[str], retain_
             c = t["config"]
             if c.get("objective") != o:
                 continue
-            key = (c["rule"], None if c["rule"] in K_FREE_RULES else c.get("k"))
+            key = (c["rule"], c.get("k") if uses_k(c["rule"]) else None)
             at = tuple(c.get(a) for a in axes_keys)
             lines.setdefault(key, {}).setdefault(at, []).append(
                 (-100 * t["suites"]["forget"]["delta"], 100 * t["suites"][retain_suite]["delta"]))

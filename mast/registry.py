@@ -47,6 +47,16 @@ NULL_RULES = tuple(n for n, r in RULE_FACTS.items() if not r.changes_weights)
 NULL_RULE = "null"
 
 
+def uses_k(rule) -> bool:
+    """Does `rule` pick k tensors (so k is part of its condition, its id and its label)?
+
+    From :data:`RULE_FACTS`; a name that is not a rule (e.g. a config without one) counts as using k,
+    as the grid, the tables and the plots have always treated it.
+    """
+    facts = RULE_FACTS.get(rule) if isinstance(rule, str) else None
+    return facts is None or facts.uses_k
+
+
 @dataclass(frozen=True)
 class Objective:
     """An unlearning objective. `needs_reference`: compares against the frozen target's log-probs."""

@@ -17,6 +17,10 @@ t-interval, paired tests vs full and random, raw and Holm p); every trial; faile
 Plots (mast.plots): forget drop vs retain change with the Pareto front; deltas vs k with seed
 spread; prefix-recovery curves; which layers / projections each rule selects; MAST signals of one
 selection. Rendering and number formats: mast.doc; reading a sweep back from MLflow: mast.tracking.
+
+Flow: :func:`read_report_input` reads the folder and recomputes the seed table and matched forgetting
+(a :class:`ReportInput`); :func:`compose` writes the sections in reading order into a :class:`mast.doc.Doc`
+and returns report.json's numbers; :func:`build_report` writes the files.
 """
 
 from __future__ import annotations
@@ -26,14 +30,18 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from mast import floor, matched, plots, seeds
 from mast.config import EvaluationSpec
 from mast.doc import Doc, fmt_ci, fmt_count, fmt_p, fmt_pp, fmt_pvals
-from mast.files import InputError, atomic_dir, read_json, write_json
+from mast.files import InputError, atomic_dir, read_json, read_jsonl, write_json
 from mast.layout import SweepDir
 from mast.results import load_trials
+from mast.tracking import default_uri, fetch_sweep
 
 # --------------------------------------------------------------------------- numbers of the tables (pure)
 
@@ -79,7 +87,33 @@ def headline_rows(trials: Sequence[dict], table: dict) -> list[dict]:
 
 
 
-# --------------------------------------------------------------------------- the report
+# --------------------------------------------------------------------------- what the report shows
+
+
+@dataclass
+class ReportInput:
+    """Everything the report shows: the sweep as read from its folder, and what is recomputed from it.
+
+    `table` (the seed-level table) and `matched` (:func:`matched_forgetting`) are None when no trial
+    finished; `selection` is one MAST trial's selection.json (`selection_trial`) for the signal plot.
+    """
+
+    name: str
+    trials: list[dict]
+    info: dict  # sweep.json (provenance)
+    spec: str | None  # spec.yaml as run
+    table: dict | None
+    matched: dict | None
+    selection: dict | None = None
+    selection_trial: str | None = None
+
+    @property
+    def ok(self) -> list[dict]:
+        return [t for t in self.trials if t["status"] == "ok"]
+
+    @property
+    def failed(self) -> list[dict]:
+        return [t for t in self.trials if t["status"] != "ok"]
 
 
 def _load_sweep(sd: SweepDir) -> tuple[list[dict], dict, str | None]:
@@ -108,126 +142,8 @@ def _representative_selection(sd: SweepDir, trials: list[dict]) -> tuple[dict | 
     return None, None
 
 
-def build_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write report.md, report.html (self-contained), PNGs and report.json; return the report folder.
-
-    Default folder: SWEEP_DIR/report. Built in a temporary sibling and renamed into place.
-    """
-    sd = SweepDir(sweep_dir)
-    trials, info, spec = _load_sweep(sd)
-    out = Path(out_dir) if out_dir else sd.report
-    ok = [t for t in trials if t["status"] == "ok"]
-    failed = [t for t in trials if t["status"] != "ok"]
-    if not ok:
-        table = None
-    else:
-        table = seeds.seed_level_table(trials, suite=None)
-    selection, sel_trial = _representative_selection(sd, trials)
-    name = info.get("name") or sd.root.name
-    with atomic_dir(out) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
-        doc = Doc()
-        mf = matched_forgetting(sd, trials, spec) if ok else None
-        data = _compose(doc, name, trials, ok, failed, table, info, spec, selection, sel_trial, tmp, mf)
-        (tmp / "report.md").write_text(doc.markdown(), encoding="utf-8")
-        (tmp / "report.html").write_text(doc.html(f"MAST sweep report: {name}"), encoding="utf-8")
-        write_json(tmp / "report.json", data)
-        (tmp / "report.json").chmod(0o644)
-    return out
-
-
-def _compose(doc: Doc, name: str, trials, ok, failed, table, info, spec, selection, sel_trial, tmp: Path,
-             mf: dict | None = None) -> dict:
-    doc.h(1, f"MAST sweep report: {name}")
-    sha = info.get("code_version")
-    doc.p(f"{len(trials)} trials: {len(ok)} ok, {len(failed)} failed. Code version `{sha or 'unknown'}`, "
-          f"spec hash `{info.get('spec_hash', 'unknown')}`, started {info.get('started', '?')}, "
-          f"finished {info.get('finished', '?')}.")
-    data: dict = {"name": name, "sweep": info, "n_trials": len(trials), "n_ok": len(ok), "n_failed": len(failed)}
-    pngs: dict[str, str] = {}
-    if table is None:
-        doc.p("**No trial finished**: there are no results to tabulate.")
-    else:
-        suites = table["suites"]
-        head = headline_rows(trials, table)
-        noise = floor.noise_floor(trials)
-        sft = sft_floor_summary(info, trials, head, suites)
-        data["headline"] = head
-        data["noise_floor"] = noise
-        data["sft_floor"] = sft
-        data["seed_table"] = table
-        mf = mf or matched.matched_rows([], lambda *_: None, 0.02)
-        data["matched_forgetting"] = mf["rows"]
-        data["matched_forgetting_info"] = {k: v for k, v in mf.items() if k != "rows"}
-        _matched(doc, mf, noise)
-        _headline(doc, head, suites, noise)
-        _floors(doc, noise, sft, suites)
-        _significance(doc, table)
-        doc.h(2, "Plots")
-        unlearned = [t for t in trials if not floor.is_null(t)]
-        at_match = [t for t in unlearned if t.get("trial_id") in {r["trial_id"] for r in mf["rows"]}]
-        level_drop = _level_drop(mf)
-        for key, fn in (("tradeoff", lambda p: plots.plot_tradeoff(unlearned, suites, p)),
-                        ("forgetting_curves", lambda p: plots.plot_forgetting_curves(
-                            unlearned, mf["axes"], mf["primary_retain"] or "", p, level_drop)),
-                        ("deltas_vs_k", lambda p: plots.plot_deltas_vs_k(table, p)),
-                        ("prefix_recovery", lambda p: plots.plot_probe(unlearned, p)),
-                        ("prefix_recovery_matched", lambda p: plots.plot_probe(
-                            at_match, p, "Prefix recovery at matched forgetting"))):
-            path = fn(tmp / f"{key}.png")
-            if path:
-                pngs[key] = path.name
-        sel_path, sel_notes = plots.plot_selection(unlearned, tmp / "selection.png")
-        if sel_path:
-            pngs["selection"] = sel_path.name
-        if selection is not None:
-            sp = plots.plot_signals(selection, tmp / "signals.png",
-                              f"MAST signals of trial {sel_trial} (rule {selection.get('rule')}, k={selection.get('k')})")
-            if sp:
-                pngs["signals"] = sp.name
-        captions = {
-            "tradeoff": "Forget accuracy drop vs change on each other suite, one point per trial (colour: rule, "
-                        "marker: objective). Dashed: the Pareto front (more forgetting and better retention).",
-            "deltas_vs_k": "Accuracy change vs the number of updated tensors k, per suite and objective; dots are "
-                           "seeds, lines their mean; k-free baselines (full, attention) as dashed lines with "
-                           "their seed range shaded.",
-            "prefix_recovery": "Prefix-recovery probe on the forget set: accuracy when the first part of the "
-                               "reference solution is given (mean over trials, band: range).",
-            "forgetting_curves": "Each rule's forget drop vs retain change along the lr/steps axis (test "
-                                 "suites, mean over seeds; labels: axis values). Dotted: the mean forget drop "
-                                 "of the matched points (level chosen on validation).",
-            "prefix_recovery_matched": "Prefix recovery of the trials read AT MATCHED FORGETTING (one per rule, "
-                                       "objective, k and seed): a rule whose curve climbs back with a short "
-                                       "prefix forgot only at the surface.",
-            "selection": "Selection frequency of each layer x projection per rule, over that rule's trials.",
-            "signals": "The MAST score and the three signals of every candidate tensor, for one trial's selection.",
-        }
-        for key, fname in pngs.items():
-            doc.h(3, key.replace("_", " "))
-            doc.img(tmp / fname, captions[key])
-        for n in sel_notes:
-            doc.p(n)
-        if "prefix_recovery" not in pngs:
-            doc.p("No prefix-recovery probe ran in this sweep.")
-        _per_trial(doc, ok, suites)
-    data["plots"] = pngs
-    _failed(doc, failed)
-    data["failed"] = [{"trial_id": t.get("trial_id"), "config": t.get("config"), "error": t.get("error")} for t in failed]
-    doc.h(2, "Provenance")
-    rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)] for k, v in info.items()]
-    if rows:
-        doc.table(["field", "value"], rows)
-    else:
-        doc.p("No sweep.json found.")
-    if spec:
-        doc.code(spec, "Sweep spec as run (spec.yaml)")
-    return data
-
-
 def _spec_evaluation(spec: str | None) -> EvaluationSpec:
     """The spec's evaluation settings (equivalence margin, matched level); defaults when unreadable."""
-    import yaml
-
     try:
         d = yaml.safe_load(spec or "") or {}
         return EvaluationSpec.model_validate(d.get("evaluation") or {})
@@ -238,8 +154,6 @@ def _spec_evaluation(spec: str | None) -> EvaluationSpec:
 def matched_forgetting(sd: SweepDir, trials: list[dict], spec: str | None) -> dict:
     """report.json ``matched_forgetting`` (:func:`mast.matched.matched_rows`) with the per-problem test
     records of the trial folders (a report built from MLflow without them has no p_vs_full)."""
-    from mast.files import read_jsonl
-
     ev = _spec_evaluation(spec)
 
     def records(trial_id: str, suite: str) -> list[dict] | None:
@@ -249,9 +163,93 @@ def matched_forgetting(sd: SweepDir, trials: list[dict], spec: str | None) -> di
     return matched.matched_rows(trials, records, ev.equivalence_margin, ev.matched_level, confidence=ev.confidence)
 
 
-def _level_drop(mf: dict) -> float | None:
-    drops = [r["forget_drop"] for r in mf["rows"] if r["forget_drop"] is not None and r["reached"]]
-    return sum(drops) / len(drops) if drops and mf["axes"] else None
+def read_report_input(sd: SweepDir) -> ReportInput:
+    """A sweep folder's :class:`ReportInput`: its files read, the seed table and matched forgetting computed."""
+    trials, info, spec = _load_sweep(sd)
+    any_ok = any(t["status"] == "ok" for t in trials)
+    selection, sel_trial = _representative_selection(sd, trials)
+    return ReportInput(name=info.get("name") or sd.root.name, trials=trials, info=info, spec=spec,
+                       table=seeds.seed_level_table(trials, suite=None) if any_ok else None,
+                       matched=matched_forgetting(sd, trials, spec) if any_ok else None,
+                       selection=selection, selection_trial=sel_trial)
+
+
+# --------------------------------------------------------------------------- the report, top to bottom
+
+
+def build_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Write report.md, report.html (self-contained), PNGs and report.json; return the report folder.
+
+    Default folder: SWEEP_DIR/report. Built in a temporary sibling and renamed into place.
+    """
+    sd = SweepDir(sweep_dir)
+    r = read_report_input(sd)
+    out = Path(out_dir) if out_dir else sd.report
+    with atomic_dir(out) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
+        doc = Doc()
+        data = compose(doc, r, tmp)
+        (tmp / "report.md").write_text(doc.markdown(), encoding="utf-8")
+        (tmp / "report.html").write_text(doc.html(f"MAST sweep report: {r.name}"), encoding="utf-8")
+        write_json(tmp / "report.json", data)
+        (tmp / "report.json").chmod(0o644)
+    return out
+
+
+def compose(doc: Doc, r: ReportInput, folder: Path) -> dict:
+    """The report's sections into `doc` (its PNGs drawn into `folder`); returns report.json's numbers."""
+    ok, failed = r.ok, r.failed
+    doc.h(1, f"MAST sweep report: {r.name}")
+    doc.p(f"{len(r.trials)} trials: {len(ok)} ok, {len(failed)} failed. Code version "
+          f"`{r.info.get('code_version') or 'unknown'}`, spec hash `{r.info.get('spec_hash', 'unknown')}`, "
+          f"started {r.info.get('started', '?')}, finished {r.info.get('finished', '?')}.")
+    data: dict = {"name": r.name, "sweep": r.info, "n_trials": len(r.trials), "n_ok": len(ok),
+                  "n_failed": len(failed)}
+    pngs: dict[str, str] = {}
+    if r.table is None:
+        doc.p("**No trial finished**: there are no results to tabulate.")
+    else:
+        suites = r.table["suites"]
+        numbers = result_numbers(r)
+        data.update(numbers)
+        _matched(doc, r.matched, numbers["noise_floor"])
+        _headline(doc, numbers["headline"], suites, numbers["noise_floor"])
+        _floors(doc, numbers["noise_floor"], numbers["sft_floor"], suites)
+        _significance(doc, r.table)
+        pngs = _plots(doc, r, folder)
+        _per_trial(doc, ok, suites)
+    data["plots"] = pngs
+    _failed(doc, failed)
+    data["failed"] = [{"trial_id": t.get("trial_id"), "config": t.get("config"), "error": t.get("error")}
+                      for t in failed]
+    _provenance(doc, r.info, r.spec)
+    return data
+
+
+def result_numbers(r: ReportInput) -> dict:
+    """report.json's result tables (a sweep with finished trials): headline, floors, seed table, matched."""
+    head = headline_rows(r.trials, r.table)
+    return {"headline": head, "noise_floor": floor.noise_floor(r.trials),
+            "sft_floor": sft_floor_summary(r.info, r.trials, head, r.table["suites"]), "seed_table": r.table,
+            "matched_forgetting": r.matched["rows"],
+            "matched_forgetting_info": {k: v for k, v in r.matched.items() if k != "rows"}}
+
+
+def sft_floor_summary(info: dict, trials: Sequence[dict], head: list[dict], suites: list[str]) -> dict:
+    """report.json ``sft_floor``: per suite what RLVR changed (reference vs target: sweep.json's
+    ``sft_floor``, else a trial's record of it), and per condition the gain removed / seeds below."""
+    per_suite = dict(info.get("sft_floor") or {})
+    for t in trials:
+        for s, f in (t.get("sft_floor") or {}).items():
+            per_suite.setdefault(s, {"reference_acc": f["reference_acc"], "target_acc": f["target_acc"],
+                                     "gain": f["gain"], "mcnemar_p": f["gain_p"],
+                                     "established": f["gain_established"]})
+    conds = [{"condition": r["condition"], "suite": s,
+              **{k: r["suites"][s].get(k) for k in ("gain_removed", "gain_removed_per_seed", "below_reference",
+                                                    "n_seeds")}}
+             for r in head for s in suites if s in r["suites"]]
+    return {"suites": {s: per_suite[s] for s in suites if s in per_suite}, "conditions": conds,
+            "alpha": floor.GAIN_ALPHA}
 
 
 def _matched(doc: Doc, mf: dict, noise: dict) -> None:
@@ -303,23 +301,6 @@ def _matched(doc: Doc, mf: dict, noise: dict) -> None:
     if noise:
         doc.p("Read these against the noise floor below: " + "; ".join(
             f"{s}: flip rate {100 * e['flip_rate']:.1f}%" for s, e in noise.items()) + ".")
-
-
-def sft_floor_summary(info: dict, trials: Sequence[dict], head: list[dict], suites: list[str]) -> dict:
-    """report.json ``sft_floor``: per suite what RLVR changed (reference vs target: sweep.json's
-    ``sft_floor``, else a trial's record of it), and per condition the gain removed / seeds below."""
-    per_suite = dict(info.get("sft_floor") or {})
-    for t in trials:
-        for s, f in (t.get("sft_floor") or {}).items():
-            per_suite.setdefault(s, {"reference_acc": f["reference_acc"], "target_acc": f["target_acc"],
-                                     "gain": f["gain"], "mcnemar_p": f["gain_p"],
-                                     "established": f["gain_established"]})
-    conds = [{"condition": r["condition"], "suite": s,
-              **{k: r["suites"][s].get(k) for k in ("gain_removed", "gain_removed_per_seed", "below_reference",
-                                                    "n_seeds")}}
-             for r in head for s in suites if s in r["suites"]]
-    return {"suites": {s: per_suite[s] for s in suites if s in per_suite}, "conditions": conds,
-            "alpha": floor.GAIN_ALPHA}
 
 
 def _share(x: float | None) -> str:
@@ -439,6 +420,73 @@ def _significance(doc: Doc, table: dict) -> None:
 _PRIMARY_NAME = {"ttest": "paired t-test", "wilcoxon": "exact Wilcoxon signed-rank", "sign": "exact sign test"}
 
 
+CAPTIONS = {
+    "tradeoff": "Forget accuracy drop vs change on each other suite, one point per trial (colour: rule, "
+                "marker: objective). Dashed: the Pareto front (more forgetting and better retention).",
+    "deltas_vs_k": "Accuracy change vs the number of updated tensors k, per suite and objective; dots are "
+                   "seeds, lines their mean; k-free baselines (full, attention) as dashed lines with "
+                   "their seed range shaded.",
+    "prefix_recovery": "Prefix-recovery probe on the forget set: accuracy when the first part of the "
+                       "reference solution is given (mean over trials, band: range).",
+    "forgetting_curves": "Each rule's forget drop vs retain change along the lr/steps axis (test "
+                         "suites, mean over seeds; labels: axis values). Dotted: the mean forget drop "
+                         "of the matched points (level chosen on validation).",
+    "prefix_recovery_matched": "Prefix recovery of the trials read AT MATCHED FORGETTING (one per rule, "
+                               "objective, k and seed): a rule whose curve climbs back with a short "
+                               "prefix forgot only at the surface.",
+    "selection": "Selection frequency of each layer x projection per rule, over that rule's trials.",
+    "signals": "The MAST score and the three signals of every candidate tensor, for one trial's selection.",
+}
+
+
+def _plots(doc: Doc, r: ReportInput, folder: Path) -> dict[str, str]:
+    """The Plots section: each figure that could be drawn, with its caption; returns {key: PNG name}."""
+    doc.h(2, "Plots")
+    pngs, notes = _draw_plots(r, folder)
+    for key, fname in pngs.items():
+        doc.h(3, key.replace("_", " "))
+        doc.img(folder / fname, CAPTIONS[key])
+    for n in notes:
+        doc.p(n)
+    if "prefix_recovery" not in pngs:
+        doc.p("No prefix-recovery probe ran in this sweep.")
+    return pngs
+
+
+def _draw_plots(r: ReportInput, folder: Path) -> tuple[dict[str, str], list[str]]:
+    """Draw the figures into `folder`: ({key: PNG name} of those drawn, in report order; notes)."""
+    suites, mf = r.table["suites"], r.matched
+    unlearned = [t for t in r.trials if not floor.is_null(t)]
+    at_match = [t for t in unlearned if t.get("trial_id") in {row["trial_id"] for row in mf["rows"]}]
+    level_drop = _level_drop(mf)
+    pngs: dict[str, str] = {}
+    for key, fn in (("tradeoff", lambda p: plots.plot_tradeoff(unlearned, suites, p)),
+                    ("forgetting_curves", lambda p: plots.plot_forgetting_curves(
+                        unlearned, mf["axes"], mf["primary_retain"] or "", p, level_drop)),
+                    ("deltas_vs_k", lambda p: plots.plot_deltas_vs_k(r.table, p)),
+                    ("prefix_recovery", lambda p: plots.plot_probe(unlearned, p)),
+                    ("prefix_recovery_matched", lambda p: plots.plot_probe(
+                        at_match, p, "Prefix recovery at matched forgetting"))):
+        path = fn(folder / f"{key}.png")
+        if path:
+            pngs[key] = path.name
+    sel_path, notes = plots.plot_selection(unlearned, folder / "selection.png")
+    if sel_path:
+        pngs["selection"] = sel_path.name
+    if r.selection is not None:
+        title = (f"MAST signals of trial {r.selection_trial} (rule {r.selection.get('rule')}, "
+                 f"k={r.selection.get('k')})")
+        sp = plots.plot_signals(r.selection, folder / "signals.png", title)
+        if sp:
+            pngs["signals"] = sp.name
+    return pngs, notes
+
+
+def _level_drop(mf: dict) -> float | None:
+    drops = [r["forget_drop"] for r in mf["rows"] if r["forget_drop"] is not None and r["reached"]]
+    return sum(drops) / len(drops) if drops and mf["axes"] else None
+
+
 def _per_trial(doc: Doc, ok: list[dict], suites: list[str]) -> None:
     doc.h(2, "Every trial")
     doc.p("Each trial against the target's per-problem results: correct before → after on each suite, "
@@ -482,14 +530,23 @@ def _failed(doc: Doc, failed: list[dict]) -> None:
     doc.table(["trial", "condition", "seed", "error"], rows)
 
 
+def _provenance(doc: Doc, info: dict, spec: str | None) -> None:
+    doc.h(2, "Provenance")
+    rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)] for k, v in info.items()]
+    if rows:
+        doc.table(["field", "value"], rows)
+    else:
+        doc.p("No sweep.json found.")
+    if spec:
+        doc.code(spec, "Sweep spec as run (spec.yaml)")
+
+
 # --------------------------------------------------------------------------- from MLflow
 
 
 def build_report_from_mlflow(experiment: str, tracking_uri: str, out_dir: str | os.PathLike) -> Path:
     """`mast report --experiment NAME`: the latest parent run's artifacts (and the representative MAST
     trial's selection.json, for the signal plot) rebuilt into a sweep folder, then :func:`build_report`."""
-    from mast.tracking import fetch_sweep
-
     with tempfile.TemporaryDirectory(prefix="mast-report-") as tmp:
         fetched = fetch_sweep(experiment, tracking_uri, Path(tmp) / "sweep")
         for t in _signal_trials(load_trials(fetched.sweep.root))[:1]:
@@ -506,8 +563,6 @@ def cli_report(args: argparse.Namespace) -> int:
     if args.experiment:
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri and args.sweep_dir:
-            from mast.tracking import default_uri
-
             if not SweepDir(args.sweep_dir).mlflow_db.is_file():
                 raise InputError(f"{args.sweep_dir}: no mlflow.db here; give --tracking-uri")
             uri = default_uri(args.sweep_dir)

@@ -6,6 +6,7 @@ wide CSV (e.g. exported from MLflow). Torch-free; no statistics here (mast.stats
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,8 +53,6 @@ _MCN_COL = re.compile(r"^(?P<suite>.+?)[/.](?P<field>" + "|".join(MCNEMAR_KEYS) 
 def _trials_from_csv(path: Path) -> list[dict]:
     """Wide CSV: one row per trial; columns `<suite>/<field>` or `<suite>.<field>` (McNemar fields),
     `trial_id`, `status`, `error`, and config columns (prefixes `params.`/`metrics.`/`config.` ignored)."""
-    import csv
-
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     out = []

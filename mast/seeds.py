@@ -11,20 +11,23 @@ adjusted p side by side.
 
 The per-trial and across-seed test math (McNemar, paired t / Wilcoxon / sign tests, Holm) is
 :mod:`mast.stats`; this module groups trials.jsonl rows into conditions, matches them by seed,
-builds the table (:func:`seed_level_table`) and renders it (:func:`format_seed_table`).
+builds the table (:func:`seed_level_table`) and renders it (:func:`format_seed_table`). The
+`mast stats` handler (:func:`cli_stats`, both tests) lives here, beside the table it prints.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mast.doc import fmt_ci, fmt_p, fmt_pp
-from mast.files import InputError
-from mast.registry import K_FREE_RULES, NULL_RULES, RHO_RULES
-from mast.results import check_trials
-from mast.stats import holm_reject, paired_tests, t_interval
+from mast.files import InputError, read_jsonl, write_json
+from mast.registry import NULL_RULES, RHO_RULES, uses_k
+from mast.results import check_trials, load_trials
+from mast.stats import holm_reject, mcnemar_test, paired_tests, t_interval
 
 PRIMARY_TESTS = ("ttest", "wilcoxon", "sign")
 PRIMARY_REASON = {
@@ -51,7 +54,7 @@ def condition_label(config: dict, extra_keys: Iterable[str] | None = None) -> st
     parts = [str(config.get("rule", "?"))]
     if config.get("objective") is not None:
         parts.append(str(config["objective"]))
-    if config.get("rule") not in K_FREE_RULES and config.get("k") is not None:
+    if uses_k(config.get("rule")) and config.get("k") is not None:
         parts.append(f"k={config['k']}")
     config = condition_config(config) | ({"seed": config["seed"]} if "seed" in config else {})
     keys = sorted(config) if extra_keys is None else sorted(set(extra_keys) & set(config))
@@ -72,7 +75,7 @@ def condition_config(config: dict) -> dict:
     """Condition = the trial config without the seed, and without the fields its rule ignores
     (k for rules without k, rho for rules without rho: mast.registry), so baselines match across them."""
     cfg = {k: v for k, v in config.items() if k != "seed"}
-    if cfg.get("rule") in K_FREE_RULES:
+    if not uses_k(cfg.get("rule")):
         cfg.pop("k", None)
     if cfg.get("rule") not in RHO_RULES:
         cfg.pop("rho", None)
@@ -361,3 +364,32 @@ def format_seed_table(table: dict) -> str:
     for n in table["notes"]:
         lines.append("note: " + n)
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli_stats(args: argparse.Namespace) -> int:
+    """`mast stats mcnemar BEFORE AFTER` (JSON to stdout) and `mast stats seeds RESULTS [--suite S] [--out J]`."""
+    if args.stats_command == "mcnemar":
+        before = read_jsonl(args.before, required=("id", "correct"))
+        after = read_jsonl(args.after, required=("id", "correct"))
+        res = mcnemar_test(before, after, n_bootstrap=args.n_bootstrap, confidence=args.confidence,
+                           seed=args.seed, names=(str(args.before), str(args.after)))
+        res["before"], res["after"] = str(args.before), str(args.after)
+        print(json.dumps(res, indent=2))
+        return 0
+    if args.stats_command == "seeds":
+        trials = load_trials(args.results)
+        suite = None if args.suite in ("all", "*") else [s.strip() for s in args.suite.split(",") if s.strip()]
+        table = seed_level_table(trials, suite=suite, confidence=args.confidence, alpha=args.alpha,
+                                 primary=args.primary, family=args.family)
+        table["source"] = str(args.results)
+        print(format_seed_table(table))
+        if args.out:
+            write_json(args.out, table)
+            print(f"wrote {args.out}", file=sys.stderr)
+        return 0
+    raise InputError(f"unknown stats test {args.stats_command!r}")
+
+

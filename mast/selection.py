@@ -44,7 +44,7 @@ from mast.files import (
     write_json,
 )
 from mast.models import DEFAULT_PATTERNS, check_model_dir, matched_inventory
-from mast.registry import RULE_FACTS
+from mast.registry import RULE_FACTS, uses_k
 from mast.signals import CURVE_POINTS, SIGNALS, coupling, mast_score, rank_for, tensor_signals
 
 SPECTRAL_VERSION = 1
@@ -342,7 +342,7 @@ def apply_rule(rows: Sequence[dict], spec: SelectionSpec) -> tuple[list[float], 
     warnings = []
     n_sel = sum(selected)
     facts = RULE_FACTS[spec.rule]
-    if facts.uses_k and n_sel < spec.k:
+    if uses_k(spec.rule) and n_sel < spec.k:
         if facts.ranked:
             n_moved = sum(_moved(rows))
             warnings.append(f"k={spec.k} exceeds the {n_moved} tensor(s) that moved (D != 0) among "

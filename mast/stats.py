@@ -18,17 +18,14 @@ seed-level table that applies them to conditions is :mod:`mast.seeds`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from mast.files import InputError, read_jsonl, write_json
-from mast.results import MCNEMAR_KEYS, load_trials  # noqa: F401 (MCNEMAR_KEYS: the dict's fields)
+from mast.files import InputError
+from mast.results import MCNEMAR_KEYS  # noqa: F401 (MCNEMAR_KEYS: the dict's fields)
 
 MCNEMAR_TEST = "exact McNemar (two-sided binomial on discordant pairs, p=1/2)"
 CI_METHOD = "paired percentile bootstrap over problems (multinomial on the 2x2 cells)"
@@ -83,7 +80,7 @@ def bootstrap_delta_ci(n: int, right_to_wrong: int, wrong_to_right: int, n_boots
 
 def mcnemar_from_counts(both_correct: int, right_to_wrong: int, wrong_to_right: int, both_wrong: int,
                         n_bootstrap: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
-    """The McNemar dict of ARCHITECTURE.md from the 2x2 counts, plus the inputs that reproduce it."""
+    """The McNemar dict of docs/architecture.md from the 2x2 counts, plus the inputs that reproduce it."""
     counts = (both_correct, right_to_wrong, wrong_to_right, both_wrong)
     if any(int(x) != x or x < 0 for x in counts):
         raise ValueError(f"counts must be non-negative integers, got {counts}")
@@ -378,34 +375,3 @@ def paired_sample_tests(before: Sequence[dict], after: Sequence[dict], n_permuta
         "p_value": perm["p_value"], "test": PERMUTATION_TEST, "permutation": perm,
         "wilcoxon": wil, "mcnemar_per_sample": mcnemar_per_sample(b, a),
     }
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cli_stats(args: argparse.Namespace) -> int:
-    """`mast stats mcnemar BEFORE AFTER` (JSON to stdout) and `mast stats seeds RESULTS [--suite S] [--out J]`."""
-    if args.stats_command == "mcnemar":
-        before = read_jsonl(args.before, required=("id", "correct"))
-        after = read_jsonl(args.after, required=("id", "correct"))
-        res = mcnemar_test(before, after, n_bootstrap=args.n_bootstrap, confidence=args.confidence,
-                           seed=args.seed, names=(str(args.before), str(args.after)))
-        res["before"], res["after"] = str(args.before), str(args.after)
-        print(json.dumps(res, indent=2))
-        return 0
-    if args.stats_command == "seeds":
-        from mast.seeds import format_seed_table, seed_level_table
-
-        trials = load_trials(args.results)
-        suite = None if args.suite in ("all", "*") else [s.strip() for s in args.suite.split(",") if s.strip()]
-        table = seed_level_table(trials, suite=suite, confidence=args.confidence, alpha=args.alpha,
-                                 primary=args.primary, family=args.family)
-        table["source"] = str(args.results)
-        print(format_seed_table(table))
-        if args.out:
-            write_json(args.out, table)
-            print(f"wrote {args.out}", file=sys.stderr)
-        return 0
-    raise InputError(f"unknown stats test {args.stats_command!r}")
-
-

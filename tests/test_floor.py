@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_stats import make_trials  # noqa: I001  (tests/ is on sys.path under pytest)
+from builders import make_trials  # tests/ is on sys.path under pytest
 
 from mast import floor, report, seeds, stats
 from mast.files import write_json, write_jsonl

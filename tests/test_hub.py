@@ -18,7 +18,8 @@ import pytest
 
 from mast.cli import main
 from mast.files import InputError, write_jsonl
-from mast.hub import check_checkpoint_dir, looks_like_path, resolve_model
+from mast.hub import looks_like_path, resolve_model
+from mast.models import check_checkpoint_dir
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

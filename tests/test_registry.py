@@ -24,6 +24,10 @@ def test_rule_facts():
     assert registry.NULL_RULES == ("null",) and registry.NULL_RULE in registry.NULL_RULES
     assert set(registry.RHO_RULES) == {"mast", "off_principal", "off_principal_raw"}
     assert [n for n, r in registry.RULE_FACTS.items() if r.all_parameters] == ["full"]
+    assert [n for n in registry.RULE_NAMES if not registry.uses_k(n)] == ["attention", "full", "null"]
+    assert registry.uses_k("mast") and registry.uses_k("random")
+    # a config without a (known) rule keeps its k, as the tables always did
+    assert registry.uses_k(None) and registry.uses_k("?")
 
 
 def test_default_betas_are_the_papers():

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
-from test_stats import CANDIDATES, make_trials  # noqa: I001  (tests/ is on sys.path under pytest)
+from builders import CANDIDATES, make_trials  # tests/ is on sys.path under pytest
+from scipy.stats import binomtest
 
-from mast import doc, plots, report, seeds, stats
+from mast import doc, plots, report, seeds
 from mast.cli import main
 from mast.files import read_jsonl, write_json, write_jsonl
+from mast.trial import TrialRow
 
 SPEC = """name: synthetic
 models: {toy: {seed: 0}}
@@ -74,15 +78,30 @@ def test_pure_helpers():
 
 
 def test_fixture_is_what_a_sweep_writes(sweep):
-    """The per-trial McNemar dicts are recomputable from the per-problem records on disk."""
-    for t in read_jsonl(sweep / "trials.jsonl"):
-        if t["status"] != "ok":
-            continue
+    """Each trials.jsonl row has a sweep's TrialRow shape, and each suite dict holds the counts, accuracies,
+    exact p and bootstrap interval of the per-problem records on disk, computed here independently."""
+    rows = read_jsonl(sweep / "trials.jsonl")
+    assert any(t["status"] == "ok" for t in rows) and any(t["status"] == "failed" for t in rows)
+    for t in rows:
+        assert TrialRow.from_dict(t).to_dict() == t  # the fields a sweep writes, no more, no fewer
         for suite, m in t["suites"].items():
-            base = read_jsonl(sweep / "prepared" / "baseline" / f"{suite}.jsonl")
-            after = read_jsonl(sweep / "trials" / t["trial_id"] / "results" / f"{suite}.jsonl")
-            again = stats.mcnemar_test(base, after, n_bootstrap=m["n_bootstrap"], seed=m["seed"])
-            assert again == m
+            before = {r["id"]: r["correct"] for r in read_jsonl(sweep / "prepared" / "baseline" / f"{suite}.jsonl")}
+            after = {r["id"]: r["correct"] for r in read_jsonl(sweep / "trials" / t["trial_id"] / "results" /
+                                                               f"{suite}.jsonl")}
+            assert set(before) == set(after)
+            cells = Counter((before[i], after[i]) for i in before)
+            n, b, c = len(before), cells[True, False], cells[False, True]
+            assert (m["n"], m["both_correct"], m["right_to_wrong"], m["wrong_to_right"], m["both_wrong"]) == (
+                n, cells[True, True], b, c, cells[False, False])
+            assert m["acc_before"] == pytest.approx(sum(before.values()) / n)
+            assert m["acc_after"] == pytest.approx(sum(after.values()) / n)
+            assert m["delta"] == pytest.approx((c - b) / n)
+            assert m["p_value"] == pytest.approx(binomtest(b, b + c, 0.5).pvalue if b + c else 1.0)
+            assert m["ci_low"] <= m["delta"] <= m["ci_high"]
+            draws = np.random.Generator(np.random.PCG64(m["seed"])).multinomial(
+                n, [b / n, c / n, (n - b - c) / n], size=m["n_bootstrap"])
+            lo, hi = np.quantile((draws[:, 1] - draws[:, 0]) / n, [0.025, 0.975])
+            assert (m["ci_low"], m["ci_high"]) == pytest.approx((lo, hi)) and m["confidence"] == 0.95
 
 
 def test_report_tables_match_per_trial_results(sweep, built):

@@ -335,15 +335,10 @@ def test_spectral_stats_multi_fills_each_rho(tiny_pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_select_on_the_toy_triple(request, tmp_path):
+def test_select_on_the_toy_triple(toy_dir, tmp_path):
     """SFT as reference, RLVR as target: every rule runs end to end through the CLI."""
-    try:
-        toy = Path(request.getfixturevalue("toy_dir"))
-    except pytest.FixtureLookupError:
-        pytest.skip("no toy_dir fixture in conftest.py")
+    toy = Path(toy_dir)
     forget = toy / "data" / "forget.jsonl"
-    if not forget.is_file():
-        forget = sorted((toy / "data").glob("forget*.jsonl"))[0]
     results = {}
     for rule in sorted(RULES):
         out = tmp_path / f"{rule}.json"
