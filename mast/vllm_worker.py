@@ -3,10 +3,10 @@
 IN: ``{"model", "llm": {tensor_parallel_size, gpu_memory_utilization, seed, dtype, enforce_eager,
 max_model_len}, "groups": [{"sampling": {n, temperature, top_p, max_tokens, seed, stop,
 stop_token_ids, skip_special_tokens}, "prompt_token_ids": [[int, ...], ...]}, ...], "progress": bool}``.
-``sampling`` is ready ``SamplingParams`` keyword arguments, computed by the parent
-(:func:`mast.backends.vllm_sampling_kwargs`: the greedy rule lives there), so the worker holds
-no decoding logic. Every group's prompts go into ONE ``LLM.generate`` call (one
-``SamplingParams`` per prompt), so all suites of a trial share one engine start and one
+``sampling`` is ready ``SamplingParams`` keyword arguments computed by the parent
+(:func:`mast.backends.vllm_sampling_kwargs`, greedy by :attr:`mast.config.DecodingSpec.greedy`),
+so the worker holds no decoding logic. Every group's prompts go into ONE ``LLM.generate`` call
+(one ``SamplingParams`` per prompt), so all suites of a trial share one engine start and one
 continuous batch.
 OUT: ``{"groups": [[[sample, ...n], ...per prompt], ...per group]}`` in request order, a sample
 being :func:`completion_sample`'s dict. The process exits when done, which is what frees
