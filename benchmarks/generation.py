@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mast.backends import HFBackend, encode_prompts  # noqa: E402
+from mast.backends import GenerationRequest, HFBackend, encode_prompts  # noqa: E402
 from mast.config import DecodingSpec  # noqa: E402
 from mast.files import read_jsonl  # noqa: E402
 from mast.prompts import format_prompt  # noqa: E402
@@ -82,10 +82,10 @@ def main() -> int:
     print(f"model: {desc}; {len(prompts)} prompts, max_tokens {args.max_tokens}, "
           f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
 
-    backend.generate_ids(ids[:2], dec)  # warm-up (allocator, kernels) for both paths
+    backend.generate([GenerationRequest(ids[:2], dec)])  # warm-up (allocator, kernels) for both paths
 
     t0 = time.perf_counter()
-    batched = backend.generate_ids(ids, dec)
+    [batched] = backend.generate([GenerationRequest(ids, dec)])
     t_batched = time.perf_counter() - t0
 
     gen_config = backend._generation_config(dec)
@@ -100,7 +100,7 @@ def main() -> int:
             single.append(tok.decode(new, skip_special_tokens=True))
     t_single = time.perf_counter() - t0
 
-    mismatches = [i for i, (b, s) in enumerate(zip(batched, single)) if b[0] != s]
+    mismatches = [i for i, (b, s) in enumerate(zip(batched, single)) if b[0]["text"] != s]
     assert not mismatches, f"batched and one-at-a-time outputs differ at {mismatches[:10]}"
     n = len(prompts)
     print(f"one-at-a-time generate: {t_single:7.2f} s  {n / t_single:8.2f} completions/s  {n_tok / t_single:9.1f} tok/s")

@@ -1,19 +1,22 @@
-"""Generation backends: one interface, two engines, the same token ids.
+"""Generation backends: one contract, two engines, the same token ids.
 
-Two backends share one interface, ``generate(prompts, decoding) -> list[list[str]]`` (for each
-prompt, ``decoding.n`` completions, in request order), and ``generate_samples(prompt_ids,
-decoding)`` giving each completion as ``{"text", "n_tokens", "truncated", "finish_reason"}``:
+Every caller generates through ONE method, ``Backend.generate(requests)``: a list of
+:class:`GenerationRequest` (prompt token ids from :func:`encode_prompts` + a
+:class:`mast.config.DecodingSpec`) in, per request, per prompt, its ``decoding.n`` samples
+``{"text", "n_tokens", "truncated", "finish_reason"}`` out, in request order. A caller puts
+every group of a call into one list (in the spirit of lm-evaluation-harness's
+``LM.generate_until``), so an engine that can batch across groups does:
 
-- ``hf``: transformers batched generation (CPU or GPU): prompts sorted by token length,
-  left padding, greedy (temperature 0) or seeded sampling, stop strings, ``inference_mode``.
+- ``hf``: transformers batched generation (CPU or GPU), request by request: prompts sorted by
+  token length, left padding, greedy or seeded sampling, stop strings, ``inference_mode``.
 - ``vllm``: ``vllm.LLM`` + ``SamplingParams`` in a *separate* process (``python -m
   mast.vllm_worker IN OUT``), so vLLM's GPU memory is released when the process ends and
-  never shares a process with a training model; ``generate_groups`` runs several (prompts,
-  decoding) groups in one process and one ``generate()`` call; a timeout kills the worker.
+  never shares a process with a training model; every request goes into one worker process
+  and one ``generate()`` call; a timeout kills the worker.
 
-Both receive the same token ids (:func:`encode_prompts`), so their greedy answers agree, and
-count tokens the same way (generated tokens without the EOS / stop token; ``truncated`` = the
-answer stopped at ``max_tokens``). :func:`make_backend` builds one by name (:data:`BACKENDS`).
+Both receive the same token ids, decode by the one greedy rule (:attr:`DecodingSpec.greedy`),
+and count tokens the same way (generated tokens without the EOS / stop token; ``truncated`` =
+the answer stopped at ``max_tokens``). :func:`make_backend` builds one by name (:data:`BACKENDS`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,33 +142,41 @@ def stop_token_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> lis
 # --------------------------------------------------------------------------- backends
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One group of a generation call: prompt token ids (:func:`encode_prompts`) decoded with one decoding."""
+
+    prompt_ids: list[list[int]]
+    decoding: DecodingSpec
+
+
 class Backend:
-    """What every backend shares: texts, token ids and counts, all derived from ``generate_samples``
-    (per prompt its n samples ``{"text", "n_tokens", "truncated", "finish_reason"}``)."""
+    """The generation contract every caller uses: :meth:`generate` and :meth:`close`.
 
-    def generate(self, prompts: list[str], decoding: DecodingSpec) -> list[list[str]]:
-        """For each prompt, `decoding.n` completions (greedy: n copies of the one greedy text)."""
-        return self.generate_ids(encode_prompts(self.tokenizer, prompts), decoding)
+    A backend also has ``name`` (its key in :data:`BACKENDS`, part of the evaluation cache key)
+    and ``tokenizer`` (callers format and encode prompts with it, :func:`encode_prompts`).
+    """
 
-    def generate_ids(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[str]]:
-        return self.generate_counted(prompt_ids, decoding)[0]
+    name = ""
 
-    def generate_counted(self, prompt_ids: list[list[int]], decoding: DecodingSpec):
-        """(texts, counts): per prompt the n completions and their generated-token counts (eos excluded)."""
-        rows = self.generate_samples(prompt_ids, decoding)
-        return [[s["text"] for s in r] for r in rows], [[s["n_tokens"] for s in r] for r in rows]
-
-    def generate_samples(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
+    def generate(self, requests: list[GenerationRequest]) -> list[list[list[dict]]]:
+        """Per request, per prompt, its ``decoding.n`` samples ``{"text", "n_tokens", "truncated",
+        "finish_reason"}`` in request order (greedy: n copies of the one greedy answer); a request
+        without prompts gets ``[]``. ``truncated``/``finish_reason`` may be None where unknown."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what generation holds (weights, GPU memory); a later :meth:`generate` reloads it."""
 
 
 class HFBackend(Backend):
     """Transformers batched generation.
 
     Prompts are sorted by token length (longest first, so an out-of-memory shows at once),
-    cut into batches of `batch_size`, left-padded, generated, and put back in request order.
-    temperature 0 -> greedy; otherwise sampling with ``torch.manual_seed(decoding.seed)``
-    inside a forked RNG (the caller's global RNG state is left untouched).
+    cut into batches of `batch_size`, left-padded, generated, and put back in request order;
+    requests one after the other. Greedy (:attr:`DecodingSpec.greedy`) or sampling with
+    ``torch.manual_seed(decoding.seed)`` inside a forked RNG (the caller's global RNG state is
+    left untouched), seeded afresh for each request.
     """
 
     name = "hf"
@@ -216,7 +228,7 @@ class HFBackend(Backend):
     def _generation_config(self, decoding: DecodingSpec):
         from transformers import GenerationConfig
 
-        sample = decoding.temperature > 0
+        sample = not decoding.greedy
         return GenerationConfig(
             max_new_tokens=decoding.max_tokens,
             do_sample=sample,
@@ -231,7 +243,10 @@ class HFBackend(Backend):
             stop_strings=list(decoding.stop) or None,
         )
 
-    def generate_samples(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
+    def generate(self, requests: list[GenerationRequest]) -> list[list[list[dict]]]:
+        return [self._generate_group(r.prompt_ids, r.decoding) for r in requests]
+
+    def _generate_group(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
         """Per prompt its n samples ``{"text", "n_tokens", "truncated", "finish_reason"}`` (request order)."""
         import torch
         from tqdm.auto import tqdm
@@ -239,7 +254,7 @@ class HFBackend(Backend):
         if not prompt_ids:
             return []
         gen_config = self._generation_config(decoding)
-        sample = decoding.temperature > 0
+        sample = not decoding.greedy
         n_ret = decoding.n if sample else 1
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         out: list = [None] * len(prompt_ids)
@@ -293,10 +308,10 @@ class HFBackend(Backend):
 class VLLMBackend(Backend):
     """vLLM generation in its own process (``python -m mast.vllm_worker IN OUT``).
 
-    The parent tokenizes (same ids as the hf backend) and writes prompt ids + sampling
-    parameters to a temporary JSON; the worker builds ``vllm.LLM(model=..., seed=...,
-    tensor_parallel_size=..., gpu_memory_utilization=...)`` and ``SamplingParams(temperature,
-    top_p, max_tokens, n, seed, stop, stop_token_ids)``, runs ``llm.generate`` (outputs come
+    The parent tokenizes (same ids as the hf backend), turns each decoding into ready
+    ``SamplingParams`` keyword arguments (:func:`vllm_sampling_kwargs`) and writes both to a
+    temporary JSON; the worker builds ``vllm.LLM(model=..., seed=..., tensor_parallel_size=...,
+    gpu_memory_utilization=...)``, runs ``llm.generate`` on every request at once (outputs come
     back in request order) and writes every sample (text, token count, truncated; see
     :mod:`mast.vllm_worker`). The process exits afterwards, which is what reliably frees vLLM's
     GPU memory. ``dtype`` and ``enforce_eager`` go to ``LLM()``; ``timeout_s`` bounds the worker.
@@ -324,29 +339,23 @@ class VLLMBackend(Backend):
         self.timeout_s = timeout_s
         self.progress = progress
 
-    def generate_samples(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
-        return self.generate_groups([(prompt_ids, decoding)])[0]
+    def generate(self, requests: list[GenerationRequest]) -> list[list[list[dict]]]:
+        """Every request in ONE worker process and ONE ``LLM.generate`` call.
 
-    def _sampling(self, decoding: DecodingSpec) -> dict:
-        return {"temperature": decoding.temperature, "top_p": decoding.top_p, "max_tokens": decoding.max_tokens,
-                "n": decoding.n, "seed": decoding.seed, "stop": list(decoding.stop), "stop_token_ids": self.eos_ids}
-
-    def generate_groups(self, groups: list[tuple[list[list[int]], DecodingSpec]]) -> list[list[list[dict]]]:
-        """Every (prompt ids, decoding) group in ONE worker process and ONE ``LLM.generate`` call.
-
-        Per group, per prompt, its n samples (see :func:`mast.vllm_worker.completion_sample`).
+        Per request, per prompt, its n samples (see :func:`mast.vllm_worker.completion_sample`).
         The worker is killed (its whole process group: vLLM's engine-core and tensor-parallel
         processes too) after ``timeout_s`` seconds, and the call raises RuntimeError.
         """
-        todo = [(i, ids, dec) for i, (ids, dec) in enumerate(groups) if ids]
-        result: list[list[list[dict]]] = [[] for _ in groups]
+        todo = [(i, r.prompt_ids, r.decoding) for i, r in enumerate(requests) if r.prompt_ids]
+        result: list[list[list[dict]]] = [[] for _ in requests]
         if not todo:
             return result
         seed = todo[0][2].seed
         job = {
             "model": str(self.model_dir.resolve()),
             "llm": {**self.options, "seed": seed},
-            "groups": [{"sampling": self._sampling(dec), "prompt_token_ids": ids} for _, ids, dec in todo],
+            "groups": [{"sampling": vllm_sampling_kwargs(dec, self.eos_ids), "prompt_token_ids": ids}
+                       for _, ids, dec in todo],
             "progress": self.progress,
         }
         with tempfile.TemporaryDirectory(prefix="mast-vllm-") as tmp:
@@ -373,6 +382,26 @@ class VLLMBackend(Backend):
         pass
 
 
+def vllm_sampling_kwargs(decoding: DecodingSpec, stop_token_ids: list[int]) -> dict:
+    """``SamplingParams`` keyword arguments for one decoding, as the worker passes them on (JSON-safe).
+
+    Greedy (:attr:`DecodingSpec.greedy`): temperature 0 and top_p 1. top_k stays at vLLM's
+    default (disabled), as in the hf backend; stop strings are excluded from the text (vLLM's
+    default), special tokens skipped when detokenizing.
+    """
+    greedy = decoding.greedy
+    return {
+        "n": int(decoding.n),
+        "temperature": 0.0 if greedy else float(decoding.temperature),
+        "top_p": 1.0 if greedy else float(decoding.top_p),
+        "max_tokens": int(decoding.max_tokens),
+        "seed": decoding.seed,
+        "stop": list(decoding.stop) or None,
+        "stop_token_ids": list(stop_token_ids) or None,
+        "skip_special_tokens": True,
+    }
+
+
 def check_vllm_installed() -> None:
     import importlib.util
 
@@ -381,10 +410,11 @@ def check_vllm_installed() -> None:
                          "pip install -e '.[vllm]' on a GPU machine, or use --backend hf")
 
 
-BACKENDS: dict[str, type] = {"hf": HFBackend, "vllm": VLLMBackend}
+BACKENDS: dict[str, type[Backend]] = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
-def make_backend(name: str, model_dir: str | os.PathLike, batch_size: int | None = None, **options):
+def make_backend(name: str, model_dir: str | os.PathLike, batch_size: int | None = None, **options) -> Backend:
+    """The backend `name` of :data:`BACKENDS` on `model_dir` (`batch_size` only where given)."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
     kw = dict(options)

@@ -61,10 +61,16 @@ class DecodingSpec(Spec):
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
 
+    @property
+    def greedy(self) -> bool:
+        """The one greedy rule of both backends: temperature <= 0 is greedy decoding (one answer
+        per prompt, repeated for each of the n samples; top_p ignored), otherwise seeded sampling."""
+        return self.temperature <= 0
+
     @model_validator(mode="after")
     def _greedy_is_one_sample(self) -> DecodingSpec:
         # greedy decoding has one answer per prompt; vLLM refuses n > 1 with temperature 0
-        if self.temperature == 0 and self.n > 1:
+        if self.greedy and self.n > 1:
             raise ValueError(f"n = {self.n} needs sampling (temperature > 0): greedy decoding "
                              "gives one answer per problem; set n: 1 or a temperature")
         return self

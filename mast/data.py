@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mast.answers import last_boxed
 from mast.files import InputError, read_jsonl
-from mast.grading import last_boxed
 
 BENCHMARK_NAMES = ("math", "math500", "gsm8k")
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",

@@ -2,15 +2,12 @@
 
 :func:`evaluate` (one suite) and :func:`evaluate_many` (several suites, one generation call)
 format each problem with :func:`mast.prompts.format_prompt`, generate ``n`` samples with a
-backend of :mod:`mast.backends` (hf or vLLM), grade every sample with
-:func:`mast.grading.grade_records` and cache the per-problem records (:func:`build_records`)
-under ``cache_root()/eval/<key>.jsonl``, key = hash(model fingerprint, problems + formatted
-prompts, grader, decoding, backend, template). Accuracy = mean over problems of the mean
-correctness over their samples (avg@n; n = 1: #correct / N). A suite with ``probe`` also gets
-the prefix-recovery curve of :mod:`mast.probe`, generated in the same call.
-
-The backends and the probe live in their own modules; their public names stay importable
-from here (``from mast.evaluation import HFBackend, make_backend, prefix_recovery``).
+backend of :mod:`mast.backends` (hf or vLLM, through its one ``generate(requests)``), grade
+every sample with :func:`mast.grading.grade_responses` and cache the per-problem records
+(:func:`build_records`) under ``cache_root()/eval/<key>.jsonl``, key = hash(model fingerprint,
+problems + formatted prompts, grader, decoding, backend, template). Accuracy = mean over
+problems of the mean correctness over their samples (avg@n; n = 1: #correct / N). A suite with
+``probe`` also gets the prefix-recovery curve of :mod:`mast.probe`, generated in the same call.
 """
 
 from __future__ import annotations
@@ -20,22 +17,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from mast.backends import (  # noqa: F401  (re-exported: the backends' old home)
-    BACKENDS,
-    HFBackend,
-    VLLMBackend,
-    check_vllm_installed,
-    encode_prompts,
-    hf_sample,
-    load_tokenizer,
-    make_backend,
-    run_with_timeout,
-    stop_token_ids,
-    truncate_at_stop,
-)
-from mast.config import DecodingSpec, SuiteSpec
+import mast.prompts as prompts_module
+from mast.backends import BACKENDS, Backend, GenerationRequest, encode_prompts, make_backend
+from mast.config import ProbeSpec, SuiteSpec, load_suite
+from mast.data import load_benchmark
 from mast.files import (
     InputError,
     cache_root,
@@ -47,14 +33,10 @@ from mast.files import (
     write_json,
     write_jsonl,
 )
-from mast.probe import (  # noqa: F401  (re-exported: the probe's old home)
-    prefix_recovery,
-    probe_items,
-    probe_output_path,
-    probe_spec,
-    score_probe,
-    solution_prefix,
-)
+from mast.grading import grade_responses
+from mast.hub import resolve_model
+from mast.probe import probe_items, probe_output_path, probe_spec, score_probe
+from mast.prompts import format_prompt
 
 CACHE_VERSION = 2  # bump when the record format or the generation semantics change
 
@@ -104,8 +86,6 @@ def load_suite_problems(suite: SuiteSpec, data_dir: str | os.PathLike | None = N
                              "problems from the sweep; to run it standalone add path: <problems.jsonl>)")
         problems = read_jsonl(suite.path, required=("id", "prompt", "answer"))
     else:
-        from mast.data import load_benchmark
-
         problems = load_benchmark(suite.benchmark, split=suite.split, data_dir=data_dir)
     if suite.limit is not None:
         problems = problems[: suite.limit]
@@ -199,34 +179,11 @@ def eval_cache_key(model_dir: str | os.PathLike, suite: SuiteSpec, problems: lis
 def _prompts_code_sha() -> str:  # noqa: N802  (a memoised constant)
     global _PROMPTS_SHA
     if _PROMPTS_SHA is None:
-        import mast.prompts
-
-        _PROMPTS_SHA = sha16(Path(mast.prompts.__file__).read_text(encoding="utf-8"))
+        _PROMPTS_SHA = sha16(Path(prompts_module.__file__).read_text(encoding="utf-8"))
     return _PROMPTS_SHA
 
 
 _PROMPTS_SHA: str | None = None
-
-
-def _generate_samples(gen, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
-    """Per prompt its samples from any backend; one that only returns texts gets token counts by
-    re-tokenizing and ``truncated``/``finish_reason`` None (unknown)."""
-    if hasattr(gen, "generate_samples"):
-        return gen.generate_samples(prompt_ids, decoding)
-    if hasattr(gen, "generate_counted"):
-        texts, counts = gen.generate_counted(prompt_ids, decoding)
-    else:
-        texts = gen.generate_ids(prompt_ids, decoding)
-        counts = [[len(gen.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in row] for row in texts]
-    return [[{"text": t, "n_tokens": c, "truncated": None, "finish_reason": None} for t, c in zip(tr, cr)]
-            for tr, cr in zip(texts, counts)]
-
-
-def _generate_groups(gen, groups: list[tuple[list[list[int]], DecodingSpec]]) -> list[list[list[dict]]]:
-    """All groups in one backend call where the backend can (vLLM: one process, one generate())."""
-    if hasattr(gen, "generate_groups"):
-        return gen.generate_groups(groups)
-    return [_generate_samples(gen, ids, dec) if ids else [] for ids, dec in groups]
 
 
 def build_records(problems: list[dict], prompts: list[str], prompt_ids: list[list[int]],
@@ -260,7 +217,7 @@ def build_records(problems: list[dict], prompts: list[str], prompt_ids: list[lis
     return records
 
 
-def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any = "hf",
+def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Backend = "hf",
              data_dir: str | os.PathLike | None = None, problems: list[dict] | None = None,
              cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
              use_cache: bool = True, backend_options: dict | None = None, progress: bool = True) -> EvalResult:
@@ -268,7 +225,7 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
 
     `backend` is a name in :data:`BACKENDS` or an already-built backend (reused across suites).
     Records: :func:`build_records` in problem order. With ``suite.probe`` the prefix-recovery
-    curve is computed too (:func:`prefix_recovery`). One suite of :func:`evaluate_many`.
+    curve is computed too (:func:`mast.probe.prefix_recovery`). One suite of :func:`evaluate_many`.
     """
     return evaluate_many(model_dir, [suite], backend=backend, data_dir=data_dir,
                          problems={suite.name: problems} if problems is not None else None,
@@ -276,7 +233,26 @@ def evaluate(model_dir: str | os.PathLike, suite: SuiteSpec, backend: str | Any 
                          backend_options=backend_options, progress=progress)[suite.name]
 
 
-def evaluate_many(model_dir: str | os.PathLike, suites: list[SuiteSpec], backend: str | Any = "hf",
+@dataclass
+class _Job:
+    """One suite on its way through :func:`evaluate_many`: its problems and cache files, then
+    (:func:`_request`) its prompts, their token ids and the probe's items."""
+
+    suite: SuiteSpec
+    problems: list[dict]
+    probe: ProbeSpec | None
+    key: str
+    path: Path
+    prompts: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    items: list[tuple] = field(default_factory=list)
+
+    @property
+    def probe_path(self) -> Path:
+        return self.path.with_suffix(".probe.json")
+
+
+def evaluate_many(model_dir: str | os.PathLike, suites: list[SuiteSpec], backend: str | Backend = "hf",
                   data_dir: str | os.PathLike | None = None, problems: dict[str, list[dict]] | None = None,
                   cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
                   use_cache: bool = True, backend_options: dict | None = None,
@@ -289,10 +265,37 @@ def evaluate_many(model_dir: str | os.PathLike, suites: list[SuiteSpec], backend
     suite and the suites' long tails overlap. `problems` maps a suite name to the problems
     that override its data (the sweep's own splits). Each suite is cached under its own key.
     """
-    from mast.grading import grade_responses
-
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
+    _check_call(model_dir, suites, backend)
+    backend_name = backend if isinstance(backend, str) else backend.name
+    results: dict[str, EvalResult] = {}
+    todo: list[_Job] = []
+    for suite in suites:  # 1. problems and cache lookup
+        job = _job(model_dir, suite, (problems or {}).get(suite.name), data_dir, cache_dir, backend_name)
+        hit = _cached(job, t0) if use_cache else None
+        if hit is not None:
+            results[suite.name] = hit
+        else:
+            todo.append(job)
+    if todo:
+        owned = isinstance(backend, str)
+        gen = make_backend(backend, model_dir, batch_size=batch_size,
+                           **{"progress": progress, **(backend_options or {})}) if owned else backend
+        t_gen = time.perf_counter()
+        try:
+            requests = [_request(job, gen.tokenizer) for job in todo]  # 2. prompts (+ probe prefixes)
+            outs = gen.generate(requests)  # 3. every suite in one call
+        finally:
+            if owned:
+                gen.close()
+        for job, out in zip(todo, outs):  # 4. grade, records, probe, cache
+            results[job.suite.name] = _finish(job, out, use_cache, t0, t_gen)
+    return {s.name: results[s.name] for s in suites}
+
+
+def _check_call(model_dir: Path, suites: list[SuiteSpec], backend: str | Backend) -> None:
+    """The model folder exists, suite names are unique, a backend name is known."""
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir}: model folder not found (no config.json)")
     names = [s.name for s in suites]
@@ -300,79 +303,63 @@ def evaluate_many(model_dir: str | os.PathLike, suites: list[SuiteSpec], backend
         raise InputError(f"evaluate_many: duplicate suite names {names}")
     if isinstance(backend, str) and backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    backend_name = backend if isinstance(backend, str) else backend.name
-    results: dict[str, EvalResult] = {}
-    todo = []
-    for suite in suites:
-        override = (problems or {}).get(suite.name)
-        if override is None:
-            probs = load_suite_problems(suite, data_dir)
-        else:
-            probs = list(override[: suite.limit] if suite.limit else override)
-        _check_problems(probs, suite.name)
-        probe = probe_spec(suite)
-        key = eval_cache_key(model_dir, suite, probs, backend_name)
-        path = cache_root(cache_dir) / "eval" / f"{key}.jsonl"
-        probe_path = path.with_suffix(".probe.json")
-        if use_cache and path.is_file() and (probe is None or probe_path.is_file()):
-            records = read_jsonl(path)
-            if [r["id"] for r in records] == [p["id"] for p in probs]:
-                probe_res = read_json(probe_path) if probe else None
-                results[suite.name] = EvalResult(records, accuracy(records), True, probe_res, key,
-                                                 time.perf_counter() - t0)
-                continue
-        todo.append({"suite": suite, "problems": probs, "probe": probe, "key": key, "path": path,
-                     "probe_path": probe_path})
-    if not todo:
-        return {n: results[n] for n in names}
-
-    owned = isinstance(backend, str)
-    options = {"progress": progress, **(backend_options or {})}
-    gen = make_backend(backend, model_dir, batch_size=batch_size, **options) if owned else backend
-    t_gen = time.perf_counter()
-    try:
-        groups = []
-        for job in todo:
-            suite, probs = job["suite"], job["problems"]
-            prompts = [_format(gen.tokenizer, p["prompt"], suite.template) for p in probs]
-            prompt_ids = encode_prompts(gen.tokenizer, prompts)
-            # the evaluation and the probe's non-empty prefixes in one group; an empty prefix
-            # (p = 0) reuses the evaluation's own response
-            items = probe_items(probs, prompts, job["probe"]) if job["probe"] else []
-            extra = [it for it in items if it[2]]
-            job.update(prompts=prompts, prompt_ids=prompt_ids, items=items)
-            groups.append((prompt_ids + encode_prompts(gen.tokenizer, [it[3] for it in extra]), suite.decoding))
-        outs = _generate_groups(gen, groups)
-    finally:
-        if owned:
-            gen.close()
-    for job, out in zip(todo, outs):
-        suite, probs = job["suite"], job["problems"]
-        samples, probe_out = out[:len(probs)], out[len(probs):]
-        n = suite.decoding.n
-        flat = [smp["text"] for row in samples for smp in row[:n]]
-        graded = grade_responses([p for p in probs for _ in range(n)], flat, suite.grader)
-        records = build_records(probs, job["prompts"], job["prompt_ids"], samples, graded, n)
-        probe_res = None
-        if job["probe"]:
-            it_extra = iter(probe_out)
-            by_id = {p["id"]: row[0]["text"] for p, row in zip(probs, samples)}
-            conts = [next(it_extra)[0]["text"] if it[2] else by_id[it[1]["id"]] for it in job["items"]]
-            probe_res = score_probe(probs, job["items"], conts, suite, job["probe"])
-        if use_cache:  # probe first: a results file without its probe is not a hit
-            if probe_res is not None:
-                write_json(job["probe_path"], probe_res)
-            write_jsonl(job["path"], records)
-        results[suite.name] = EvalResult(records, accuracy(records), False, probe_res, job["key"],
-                                         time.perf_counter() - t0, extra={"generate_seconds_shared":
-                                                                          time.perf_counter() - t_gen})
-    return {n: results[n] for n in names}
 
 
-def _format(tokenizer, question: str, template: str) -> str:
-    from mast.prompts import format_prompt
+def _job(model_dir: Path, suite: SuiteSpec, override: list[dict] | None, data_dir, cache_dir,
+         backend_name: str) -> _Job:
+    """The suite's problems (`override`, else its data; `limit` applied) checked, and its cache key."""
+    if override is None:
+        probs = load_suite_problems(suite, data_dir)
+    else:
+        probs = list(override[: suite.limit] if suite.limit else override)
+    _check_problems(probs, suite.name)
+    key = eval_cache_key(model_dir, suite, probs, backend_name)
+    return _Job(suite, probs, probe_spec(suite), key, cache_root(cache_dir) / "eval" / f"{key}.jsonl")
 
-    return format_prompt(tokenizer, question, template)
+
+def _cached(job: _Job, t0: float) -> EvalResult | None:
+    """The cached result of `job` (records for the same problem ids, and its probe when it has one), or None."""
+    if not job.path.is_file() or (job.probe is not None and not job.probe_path.is_file()):
+        return None
+    records = read_jsonl(job.path)
+    if [r["id"] for r in records] != [p["id"] for p in job.problems]:
+        return None
+    probe_res = read_json(job.probe_path) if job.probe else None
+    return EvalResult(records, accuracy(records), True, probe_res, job.key, time.perf_counter() - t0)
+
+
+def _request(job: _Job, tokenizer) -> GenerationRequest:
+    """The suite's formatted prompts, then the probe's non-empty prefixes, as one request.
+
+    An empty prefix (p = 0) reuses the evaluation's own response, so it is not generated again.
+    """
+    job.prompts = [format_prompt(tokenizer, p["prompt"], job.suite.template) for p in job.problems]
+    job.prompt_ids = encode_prompts(tokenizer, job.prompts)
+    job.items = probe_items(job.problems, job.prompts, job.probe) if job.probe else []
+    extra = encode_prompts(tokenizer, [it[3] for it in job.items if it[2]])
+    return GenerationRequest(job.prompt_ids + extra, job.suite.decoding)
+
+
+def _finish(job: _Job, out: list[list[dict]], use_cache: bool, t0: float, t_gen: float) -> EvalResult:
+    """Grade the suite's samples into records, score its probe, write both to the cache."""
+    suite, probs = job.suite, job.problems
+    samples, probe_out = out[:len(probs)], out[len(probs):]
+    n = suite.decoding.n
+    flat = [smp["text"] for row in samples for smp in row[:n]]
+    graded = grade_responses([p for p in probs for _ in range(n)], flat, suite.grader)
+    records = build_records(probs, job.prompts, job.prompt_ids, samples, graded, n)
+    probe_res = None
+    if job.probe:
+        it_extra = iter(probe_out)
+        by_id = {p["id"]: row[0]["text"] for p, row in zip(probs, samples)}
+        conts = [next(it_extra)[0]["text"] if it[2] else by_id[it[1]["id"]] for it in job.items]
+        probe_res = score_probe(probs, job.items, conts, suite, job.probe)
+    if use_cache:  # probe first: a results file without its probe is not a hit
+        if probe_res is not None:
+            write_json(job.probe_path, probe_res)
+        write_jsonl(job.path, records)
+    return EvalResult(records, accuracy(records), False, probe_res, job.key, time.perf_counter() - t0,
+                      extra={"generate_seconds_shared": time.perf_counter() - t_gen})
 
 
 # --------------------------------------------------------------------------- CLI
@@ -380,9 +367,6 @@ def _format(tokenizer, question: str, template: str) -> str:
 
 def cli_eval(args) -> int:
     """`mast eval --model DIR --suite SUITE.yaml [--backend] [--data-dir] [--limit] --out RESULTS.jsonl`."""
-    from mast.config import load_suite
-    from mast.hub import resolve_model
-
     suite = load_suite(args.suite)
     model = Path(resolve_model(args.model, "--model"))  # a folder or a Hub id (offline from the cache)
     check_output_path(args.out)

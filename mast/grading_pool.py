@@ -34,7 +34,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from mast.grading import extract_and_verify, quiet_math_verify
+from mast.answers import extract_and_verify, quiet_math_verify
 
 # --------------------------------------------------------------------------- worker side
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mast.backends import encode_prompts
+from mast.backends import Backend, GenerationRequest, encode_prompts
 from mast.config import ProbeSpec, SuiteSpec
 from mast.files import InputError
+from mast.grading import grade_responses
 
 
 def solution_prefix(solution: str, fraction: float) -> str:
@@ -45,8 +46,7 @@ def probe_spec(suite: SuiteSpec) -> ProbeSpec | None:
     return suite.probe if isinstance(suite.probe, ProbeSpec) else ProbeSpec()
 
 
-
-def prefix_recovery(gen, problems: list[dict], prompts: list[str], suite: SuiteSpec,
+def prefix_recovery(gen: Backend, problems: list[dict], prompts: list[str], suite: SuiteSpec,
                     probe: ProbeSpec) -> dict:
     """Solve rate when the assistant turn starts with the first p of the reference solution.
 
@@ -62,8 +62,9 @@ def prefix_recovery(gen, problems: list[dict], prompts: list[str], suite: SuiteS
     Returns ``{"fractions", "accuracy", "accuracy_continuation", "n", "correct": {p: [ids]}, "cut"}``.
     """
     items = probe_items(problems, prompts, probe)
-    texts = gen.generate_ids(encode_prompts(gen.tokenizer, [it[3] for it in items]), suite.decoding)
-    return score_probe(problems, items, [t[0] for t in texts], suite, probe)
+    [rows] = gen.generate([GenerationRequest(encode_prompts(gen.tokenizer, [it[3] for it in items]),
+                                             suite.decoding)])
+    return score_probe(problems, items, [row[0]["text"] for row in rows], suite, probe)
 
 
 def probe_items(problems: list[dict], prompts: list[str], probe: ProbeSpec) -> list[tuple]:
@@ -82,11 +83,9 @@ def probe_items(problems: list[dict], prompts: list[str], probe: ProbeSpec) -> l
 def score_probe(problems: list[dict], items: list[tuple], continuations: list[str], suite: SuiteSpec,
                 probe: ProbeSpec) -> dict:
     """Grade prefix + continuation and the continuation alone; per fraction, #correct / N."""
-    from mast.grading import grade_responses
-
     probs = [it[1] for it in items]
     graded = grade_responses(probs + probs, [it[2] + c for it, c in zip(items, continuations)] + continuations,
-                    suite.grader)
+                             suite.grader)
     graded, graded_cont = graded[:len(items)], graded[len(items):]
     n = len(problems)
     acc, acc_cont, correct = [], [], {}

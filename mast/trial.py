@@ -316,7 +316,8 @@ def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row:
     """3. evaluate every suite on `model_dir` (fresh backend, evaluation cache bypassed, the trial's own
     sampling seed: prepare.trial_run), 4. paired tests vs the cached baseline and the SFT floor, into
     `row` (per-problem results in `td`)."""
-    from mast.evaluation import evaluate, make_backend, truncated_rate
+    from mast.backends import make_backend
+    from mast.evaluation import evaluate, truncated_rate
     from mast.stats import mcnemar_test, paired_sample_tests
 
     backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)

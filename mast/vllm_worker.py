@@ -1,10 +1,13 @@
 """vLLM generation in a process of its own: ``python -m mast.vllm_worker IN.json OUT.json``.
 
 IN: ``{"model", "llm": {tensor_parallel_size, gpu_memory_utilization, seed, dtype, enforce_eager,
-max_model_len}, "groups": [{"sampling": {temperature, top_p, max_tokens, n, seed, stop,
-stop_token_ids}, "prompt_token_ids": [[int, ...], ...]}, ...], "progress": bool}``.
-Every group's prompts go into ONE ``LLM.generate`` call (one ``SamplingParams`` per prompt), so
-all suites of a trial share one engine start and one continuous batch.
+max_model_len}, "groups": [{"sampling": {n, temperature, top_p, max_tokens, seed, stop,
+stop_token_ids, skip_special_tokens}, "prompt_token_ids": [[int, ...], ...]}, ...], "progress": bool}``.
+``sampling`` is ready ``SamplingParams`` keyword arguments computed by the parent
+(:func:`mast.backends.vllm_sampling_kwargs`, greedy by :attr:`mast.config.DecodingSpec.greedy`),
+so the worker holds no decoding logic. Every group's prompts go into ONE ``LLM.generate`` call
+(one ``SamplingParams`` per prompt), so all suites of a trial share one engine start and one
+continuous batch.
 OUT: ``{"groups": [[[sample, ...n], ...per prompt], ...per group]}`` in request order, a sample
 being :func:`completion_sample`'s dict. The process exits when done, which is what frees
 vLLM's GPU memory; the parent (:class:`mast.backends.VLLMBackend`) never imports vLLM.
@@ -26,25 +29,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-
-def sampling_kwargs(s: dict) -> dict:
-    """``SamplingParams`` keyword arguments for one decoding (greedy when temperature <= 0).
-
-    top_k stays at vLLM's default (disabled), as in the hf backend; stop strings are excluded
-    from the text (vLLM's default), special tokens skipped when detokenizing.
-    """
-    greedy = s["temperature"] <= 0
-    return {
-        "n": int(s["n"]),
-        "temperature": 0.0 if greedy else float(s["temperature"]),
-        "top_p": 1.0 if greedy else float(s["top_p"]),
-        "max_tokens": int(s["max_tokens"]),
-        "seed": s.get("seed"),
-        "stop": list(s.get("stop") or []) or None,
-        "stop_token_ids": list(s.get("stop_token_ids") or []) or None,
-        "skip_special_tokens": True,
-    }
 
 
 def completion_sample(c: Any) -> dict:
@@ -96,7 +80,7 @@ def run(job: dict) -> dict:
     groups = _groups(job)
     prompts, params, ns, sizes = [], [], [], []
     for g in groups:
-        sp = SamplingParams(**sampling_kwargs(g["sampling"]))
+        sp = SamplingParams(**g["sampling"])
         ids = g["prompt_token_ids"]
         prompts += [{"prompt_token_ids": p} for p in ids]  # TokensPrompt dicts
         params += [sp] * len(ids)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mast.backends import HFBackend, VLLMBackend, encode_prompts, truncate_at_stop
+from mast.backends import Backend, GenerationRequest, HFBackend, VLLMBackend, encode_prompts, truncate_at_stop
 from mast.config import DecodingSpec, ProbeSpec, SuiteSpec
 from mast.evaluation import evaluate, load_suite_problems
 from mast.files import InputError, read_jsonl
@@ -26,6 +26,12 @@ def backend(tiny_model):
 
 def _prompts(tok, problems):
     return [format_prompt(tok, p["prompt"], "qwen_boxed") for p in problems]
+
+
+def _texts(backend, prompts, decoding):
+    """Per prompt the texts of its samples: one request through the backend's one generate()."""
+    [rows] = backend.generate([GenerationRequest(encode_prompts(backend.tokenizer, prompts), decoding)])
+    return [[s["text"] for s in row] for row in rows]
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -61,7 +67,7 @@ def test_hf_backend_batched_matches_one_at_a_time(backend, problems):
     dec = DecodingSpec(max_tokens=8)
     prompts = _prompts(backend.tokenizer, problems[:6])
     prompts[1] = prompts[1].replace("What is", "Please tell me quickly what is")  # unequal lengths
-    batched = backend.generate(prompts, dec)
+    batched = _texts(backend, prompts, dec)
     assert len(batched) == len(prompts) and all(len(c) == 1 for c in batched)
     tok = backend.tokenizer
     for p, got in zip(prompts, batched):
@@ -75,9 +81,9 @@ def test_hf_backend_batched_matches_one_at_a_time(backend, problems):
 
 def test_hf_backend_sampling_is_seeded_and_n(backend, problems):
     prompts = _prompts(backend.tokenizer, problems[:2])
-    a = backend.generate(prompts, DecodingSpec(max_tokens=6, temperature=1.0, n=3, seed=7))
-    b = backend.generate(prompts, DecodingSpec(max_tokens=6, temperature=1.0, n=3, seed=7))
-    c = backend.generate(prompts, DecodingSpec(max_tokens=6, temperature=1.0, n=3, seed=8))
+    a = _texts(backend, prompts, DecodingSpec(max_tokens=6, temperature=1.0, n=3, seed=7))
+    b = _texts(backend, prompts, DecodingSpec(max_tokens=6, temperature=1.0, n=3, seed=7))
+    c = _texts(backend, prompts, DecodingSpec(max_tokens=6, temperature=1.0, n=3, seed=8))
     assert a == b and a != c
     assert [len(x) for x in a] == [3, 3]
     assert len(set(a[0])) > 1  # untrained model, temperature 1: the three samples differ
@@ -87,11 +93,11 @@ def test_hf_backend_sampling_is_seeded_and_n(backend, problems):
 
 def test_hf_backend_stop_strings(backend, problems):
     prompts = _prompts(backend.tokenizer, problems[:3])
-    free = backend.generate(prompts, DecodingSpec(max_tokens=10, temperature=1.0, seed=1))
+    free = _texts(backend, prompts, DecodingSpec(max_tokens=10, temperature=1.0, seed=1))
     text = free[0][0]
     assert len(text) >= 3
     stop = text[2]  # a character the model is known to produce at position 2
-    stopped = backend.generate(prompts, DecodingSpec(max_tokens=10, temperature=1.0, seed=1, stop=[stop]))
+    stopped = _texts(backend, prompts, DecodingSpec(max_tokens=10, temperature=1.0, seed=1, stop=[stop]))
     for f, s in zip(free, stopped):
         assert stop not in s[0]
         assert s[0] == truncate_at_stop(f[0], [stop])
@@ -112,8 +118,8 @@ def _suite(tmp_path, problems, **kw) -> SuiteSpec:
                      decoding=DecodingSpec(max_tokens=kw.pop("max_tokens", 6)), **kw)
 
 
-class OracleBackend:
-    """A test double of the backend interface around the real hf backend's tokenizer.
+class OracleBackend(Backend):
+    """A test double of the backend contract around the real hf backend's tokenizer.
 
     It answers with the reference solution (or its remainder after a probe prefix) for problems
     whose number is even and with "no idea" otherwise, so the correct count is known.
@@ -126,18 +132,19 @@ class OracleBackend:
         self.by_prompt = {format_prompt(real.tokenizer, p["prompt"], template): p for p in problems}
         self.calls, self.generate_calls = [], []
 
-    def generate_ids(self, prompt_ids, decoding):
-        self.generate_calls.append(len(prompt_ids))
-        out = []
-        for ids in prompt_ids:
-            text = self.tokenizer.decode(ids)
-            self.calls.append(text)
-            prompt = max((p for p in self.by_prompt if text.startswith(p)), key=len)
-            prob, prefix = self.by_prompt[prompt], text[len(prompt):]
-            good = int(prob["id"][1:]) % 2 == 0
-            assert prob["solution"].startswith(prefix)
-            out.append([prob["solution"][len(prefix):] if good else "no idea"] * decoding.n)
-        return out
+    def generate(self, requests):
+        self.generate_calls.append([len(r.prompt_ids) for r in requests])
+        return [[self._answer(ids, r.decoding.n) for ids in r.prompt_ids] for r in requests]
+
+    def _answer(self, ids, n):
+        text = self.tokenizer.decode(ids)
+        self.calls.append(text)
+        prompt = max((p for p in self.by_prompt if text.startswith(p)), key=len)
+        prob, prefix = self.by_prompt[prompt], text[len(prompt):]
+        good = int(prob["id"][1:]) % 2 == 0
+        assert prob["solution"].startswith(prefix)
+        answer = prob["solution"][len(prefix):] if good else "no idea"
+        return [{"text": answer, "n_tokens": len(answer.split()), "truncated": None, "finish_reason": None}] * n
 
 
 def test_evaluate_counts_correct_answers_with_real_grader(backend, problems, tmp_path):
@@ -232,7 +239,7 @@ def test_probe_feeds_prefixes_and_grades_prefix_plus_continuation(backend, probl
     # one generation call: the 4 prompts, then prompt + the whitespace-cut prefix for p > 0
     # (p = 0 reuses the evaluation's responses)
     probe_calls = oracle.calls[4:]
-    assert len(oracle.calls) == 4 + 2 * 4 and len(oracle.generate_calls) == 1
+    assert len(oracle.calls) == 4 + 2 * 4 and oracle.generate_calls == [[4 + 2 * 4]]
     for j, frac in enumerate([0.5, 0.75]):
         for i, p in enumerate(probs):
             assert probe_calls[j * 4 + i].endswith(format_prompt(backend.tokenizer, p["prompt"], "qwen_boxed")
@@ -328,12 +335,3 @@ def test_vllm_matches_hf_greedy(toy_dir, tmp_path):
     assert same >= 0.9 * len(hf.records)
     assert vl.accuracy == hf.accuracy
 
-
-def test_backend_and_probe_names_still_resolve_from_evaluation():
-    """mast.evaluation was the backends' and the probe's home: those names still import from it."""
-    from mast import backends, evaluation, probe
-
-    for name in ("HFBackend", "VLLMBackend", "make_backend", "encode_prompts", "truncate_at_stop", "BACKENDS"):
-        assert getattr(evaluation, name) is getattr(backends, name)
-    for name in ("prefix_recovery", "solution_prefix", "probe_items", "score_probe", "probe_output_path"):
-        assert getattr(evaluation, name) is getattr(probe, name)

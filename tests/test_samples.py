@@ -15,11 +15,11 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from mast.backends import HFBackend, hf_sample, run_with_timeout
+from mast.backends import Backend, HFBackend, hf_sample, run_with_timeout, vllm_sampling_kwargs
 from mast.config import DecodingSpec, SuiteSpec
 from mast.evaluation import accuracy, evaluate, evaluate_many, sample_matrix, truncated_rate
 from mast.prompts import format_prompt
-from mast.vllm_worker import completion_sample, convert_request_outputs, sampling_kwargs
+from mast.vllm_worker import completion_sample, convert_request_outputs
 
 EOS = 151645
 
@@ -64,12 +64,19 @@ def test_convert_request_outputs_orders_samples_by_index_and_checks_n():
         convert_request_outputs(outs, [2, 2, 2])
 
 
-def test_sampling_kwargs_greedy_and_sampled():
-    s = {"temperature": 0.0, "top_p": 0.5, "max_tokens": 9, "n": 1, "seed": 3, "stop": [], "stop_token_ids": [EOS]}
-    assert sampling_kwargs(s) == {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 9, "seed": 3,
-                                  "stop": None, "stop_token_ids": [EOS], "skip_special_tokens": True}
-    sampled = sampling_kwargs({**s, "temperature": 0.6, "top_p": 0.95, "n": 4, "stop": ["</s>"]})
-    assert (sampled["temperature"], sampled["top_p"], sampled["n"], sampled["stop"]) == (0.6, 0.95, 4, ["</s>"])
+def test_vllm_sampling_kwargs_greedy_and_sampled():
+    """The parent computes the worker's SamplingParams kwargs; greedy ignores top_p (DecodingSpec.greedy)."""
+    greedy = DecodingSpec(temperature=0.0, top_p=0.5, max_tokens=9, seed=3)
+    assert greedy.greedy
+    assert vllm_sampling_kwargs(greedy, [EOS]) == {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 9,
+                                                   "seed": 3, "stop": None, "stop_token_ids": [EOS],
+                                                   "skip_special_tokens": True}
+    spec = DecodingSpec(temperature=0.6, top_p=0.95, n=4, max_tokens=9, seed=3, stop=["</s>"])
+    sampled = vllm_sampling_kwargs(spec, [])
+    assert not spec.greedy
+    assert (sampled["temperature"], sampled["top_p"], sampled["n"], sampled["stop"], sampled["stop_token_ids"]) == \
+        (0.6, 0.95, 4, ["</s>"], None)
+    assert json.loads(json.dumps(sampled)) == sampled  # crosses the process boundary as JSON
 
 
 def test_both_backends_count_the_same_tokens():
@@ -95,8 +102,9 @@ def test_hf_sample_stop_string_is_not_truncation():
 # --------------------------------------------------------------------------- records with n samples
 
 
-class AlternatingBackend:
-    """A test double of the backend interface: sample j of every problem is the right answer iff j is even."""
+class AlternatingBackend(Backend):
+    """A test double of the backend contract: sample j of every problem is the right answer iff j is even;
+    it cannot tell truncation (``truncated`` None)."""
 
     name = "alternating"
 
@@ -105,13 +113,15 @@ class AlternatingBackend:
         self.by_prompt = {format_prompt(real.tokenizer, p["prompt"], template): p for p in problems}
         self.calls = 0
 
-    def generate_ids(self, prompt_ids, decoding):
+    def generate(self, requests):
         self.calls += 1
-        out = []
-        for ids in prompt_ids:
-            prob = self.by_prompt[self.tokenizer.decode(ids)]
-            out.append([f"\\boxed{{{prob['answer']}}}" if j % 2 == 0 else "\\boxed{-1}" for j in range(decoding.n)])
-        return out
+        return [[self._samples(self.by_prompt[self.tokenizer.decode(ids)], r.decoding.n) for ids in r.prompt_ids]
+                for r in requests]
+
+    @staticmethod
+    def _samples(prob, n):
+        texts = [f"\\boxed{{{prob['answer']}}}" if j % 2 == 0 else "\\boxed{-1}" for j in range(n)]
+        return [{"text": t, "n_tokens": 3, "truncated": None, "finish_reason": None} for t in texts]
 
 
 def _suite(tmp_path, problems, name="t", **decoding):
@@ -159,9 +169,9 @@ def test_evaluate_many_is_one_generation_call_and_matches_evaluate(tiny_model, p
     calls = []
 
     class Counting(HFBackend):
-        def generate_groups(self, groups):
-            calls.append([len(ids) for ids, _ in groups])
-            return [self.generate_samples(ids, dec) for ids, dec in groups]
+        def generate(self, requests):
+            calls.append([len(r.prompt_ids) for r in requests])
+            return super().generate(requests)
 
     a = _suite(tmp_path, problems[:3], name="a", max_tokens=4)
     b = _suite(tmp_path, problems[3:7], name="b", max_tokens=5)
