@@ -384,7 +384,7 @@ def select(
 ) -> dict:
     """Rank the candidate tensors of (reference, target) and pick the tensors to unlearn.
 
-    Returns the selection JSON of ARCHITECTURE.md: {"rule", "k", "rho", "candidates": [{"name",
+    Returns the selection JSON of docs/architecture.md: {"rule", "k", "rho", "candidates": [{"name",
     "shape", "update_magnitude", "off_principal_energy", "coupling", "coupling_cosine", "score",
     "selected", "moved"}], "all_parameters", ...} plus provenance (fingerprints, cache hits, warnings).
     """
