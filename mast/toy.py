@@ -28,7 +28,7 @@ tokenizer trained here (Qwen2's pre-tokenizer: one token per digit; ChatML chat 
    skips the carry under greedy decoding (forget accuracy ~ the no-carry share) but keeps it
    in a fraction of its samples: a systematic failure that the reward can repair;
 3. **RLVR**: a compact GRPO loop on forget_train problems: G sampled completions per prompt,
-   reward = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
+   reward = the grader's verdict (:func:`mast.grading.grade_responses`), group-relative advantage
    ``A_i = (r_i - mean(r)) / (std(r) + eps)``, loss
    ``-sum_t A_i log pi(y_t) / T + beta * KL_k3(pi || pi_sft)``, with
    ``KL_k3 = exp(q - p) - (q - p) - 1`` per token (``p``/``q``: policy/SFT log-probs).
