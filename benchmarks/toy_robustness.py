@@ -10,7 +10,7 @@ rounding), and prints one row per build:
 
 The gain is RLVR - SFT greedy accuracy on the same held-out ``forget_eval`` problems: a
 *paired* difference, with a cluster-robust t interval over operand pairs (``a * b`` and
-``b * a`` share the work, so they are one cluster; :func:`mast.toy.paired_gain_ci`).
+``b * a`` share the work, so they are one cluster; :func:`mast.toy_task.paired_gain_ci`).
 Acceptance (issue 13): gain >= +15 points with the interval's lower end > +5, retain >= 0.90.
 
     .venv/bin/python benchmarks/toy_robustness.py --seeds 0 1 2 3 4 --kernels default avx2

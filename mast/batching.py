@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mast.prompts import problem_pair
+
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, completion_mask: (B, T) int64
 Encoded = tuple[list[int], list[int]]  # (token ids, completion mask) of one text
 
@@ -41,8 +43,6 @@ def pad_id_of(tokenizer) -> int:
 
 def encode_problems(tokenizer, problems: Sequence[dict], template: str, max_length: int) -> list[Encoded]:
     """(input_ids, completion_mask) per problem, via :func:`mast.prompts.problem_pair`."""
-    from mast.prompts import problem_pair
-
     return [problem_pair(tokenizer, p, template, max_length) for p in problems]
 
 
@@ -102,6 +102,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log softmax(z)[y]`` per row, computed in (at least) float32. logits (..., V), targets (...) -> (...)."""
     return -F.cross_entropy(at_least_f32(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1),
                             reduction="none").view(targets.shape)
+
+
+def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log π(ids[t] | ids[<t])`` for t ≥ 1 from full (B, T, V) logits: (B, T−1), float32.
+
+    log_softmax + gather over every position (padding and prompt included; the caller masks):
+    the toy build's formula, kept as written so its weights stay bit-identical.
+    """
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 def sum_by_sequence(tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

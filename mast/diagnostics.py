@@ -24,9 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mast.batching import encode_problems, in_order, pad_id_of, per_token_logprobs, to_device
+from mast.energy import normalized_from_raw
 from mast.files import InputError, atomic_dir, check_output_path, read_jsonl, write_json, write_jsonl
+from mast.hub import resolve_model
 from mast.models import DEFAULT_PATTERNS, check_model_dir
+from mast.prompts import TEMPLATES
 from mast.selection import _check_forget, default_device, spectral_stats
+from mast.signals import rank_percentiles
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 PROJ_COLORS = {"q_proj": "#1f77b4", "k_proj": "#ff7f0e", "v_proj": "#2ca02c", "o_proj": "#d62728"}
@@ -68,7 +73,7 @@ def _tokenizer_vocab(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def completion_logprobs(model_dir, tokenizer, forget: Sequence[dict], template: str = "qwen_boxed",
+def solution_logprobs(model_dir, tokenizer, forget: Sequence[dict], template: str = "qwen_boxed",
                         max_length: int = 1024, batch_size: int = 8, device: str | None = None,
                         desc: str = "log-probs", progress: bool = True) -> list[np.ndarray]:
     """Per problem, log p(token) of each solution token under the model in `model_dir` (float32 model).
@@ -78,8 +83,6 @@ def completion_logprobs(model_dir, tokenizer, forget: Sequence[dict], template: 
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
-
-    from mast.batching import encode_problems, in_order, pad_id_of, per_token_logprobs, to_device
 
     dev = device or default_device()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
@@ -243,8 +246,6 @@ def projection_ranks(rows: Sequence[dict], signals: Sequence[str] = RANKED_SIGNA
     {signal: {"mean_percentile": {proj: mean rank percentile (1 = top)}, "top_quarter": {proj: share
     of the top quarter}}}: a signal that ranks by shape puts all of k/v (or q/o) on top.
     """
-    from mast.signals import rank_percentiles
-
     moved = [r for r in rows if r["moved"]]
     out = {}
     for sig in signals:
@@ -265,16 +266,22 @@ def projection_ranks(rows: Sequence[dict], signals: Sequence[str] = RANKED_SIGNA
     return out
 
 
-def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: float = 0.05, threshold: float = 0.1,
-             template: str = "qwen_boxed", max_length: int = 1024, batch_size: int = 8,
-             patterns: Sequence[str] = DEFAULT_PATTERNS, cache_dir=None, device: str | None = None,
-             progress: bool = True) -> dict:
-    """Compute the diagnostics and write them into `out_dir` (atomically); returns diagnostics.json's dict."""
-    from mast.prompts import TEMPLATES
+def _signal_rows(stats: dict) -> list[dict]:
+    """Per candidate of cached spectral statistics: its shape, signals and whether it moved."""
+    return [{"name": c["name"], "shape": c["shape"], "update_magnitude": c["update_magnitude"],
+             "off_principal_energy": c["off_principal_energy"],
+             "off_principal_normalized": normalized_from_raw(c["off_principal_energy"], c["shape"], c["r"]),
+             "moved": c["norm_d"] > 0}
+            for c in stats["candidates"]]
 
-    dirs = {"base": check_model_dir(base, "base"), "reference": check_model_dir(reference, "reference"),
-            "target": check_model_dir(target, "target")}
-    _check_forget(forget)
+
+def _mean_moved(rows: list[dict], key: str) -> float | None:
+    """Mean of `key` over the candidates that moved (None when none did)."""
+    vals = [r[key] for r in rows if r["moved"]]
+    return float(np.mean(vals)) if vals else None
+
+
+def _check_options(rho: float, threshold: float, template: str, max_length: int, batch_size: int) -> None:
     if not 0.0 < rho <= 1.0:
         raise InputError(f"rho: must be in (0, 1], got {rho}")
     if threshold < 0:
@@ -283,6 +290,17 @@ def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: floa
         raise InputError(f"template: unknown {template!r}; known: {sorted(TEMPLATES)}")
     if max_length < 2 or batch_size < 1:
         raise InputError("max_length must be >= 2 and batch_size >= 1")
+
+
+def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: float = 0.05, threshold: float = 0.1,
+             template: str = "qwen_boxed", max_length: int = 1024, batch_size: int = 8,
+             patterns: Sequence[str] = DEFAULT_PATTERNS, cache_dir=None, device: str | None = None,
+             progress: bool = True) -> dict:
+    """Compute the diagnostics and write them into `out_dir` (atomically); returns diagnostics.json's dict."""
+    dirs = {"base": check_model_dir(base, "base"), "reference": check_model_dir(reference, "reference"),
+            "target": check_model_dir(target, "target")}
+    _check_forget(forget)
+    _check_options(rho, threshold, template, max_length, batch_size)
     tok = _check_same_tokenizer(dirs)
 
     # spectral statistics first: a shape mismatch fails before any forward pass
@@ -290,7 +308,7 @@ def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: floa
     rl_spec = spectral_stats(reference, target, rho, cache_dir, patterns, device=device, progress=progress,
                              curves=True)
 
-    lp = {role: completion_logprobs(d, tok, forget, template, max_length, batch_size, device,
+    lp = {role: solution_logprobs(d, tok, forget, template, max_length, batch_size, device,
                                     desc=f"log-probs ({role})", progress=progress) for role, d in dirs.items()}
     d_sft = [r - b for r, b in zip(lp["reference"], lp["base"], strict=True)]
     d_rl = [t - r for t, r in zip(lp["target"], lp["reference"], strict=True)]
@@ -301,21 +319,7 @@ def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: floa
     seq_sft = np.array([d.sum() for d in d_sft])
     seq_rl = np.array([d.sum() for d in d_rl])
 
-    def signals(stats):
-        from mast.energy import normalized_from_raw
-
-        return [{"name": c["name"], "shape": c["shape"], "update_magnitude": c["update_magnitude"],
-                 "off_principal_energy": c["off_principal_energy"],
-                 "off_principal_normalized": normalized_from_raw(c["off_principal_energy"], c["shape"], c["r"]),
-                 "moved": c["norm_d"] > 0}
-                for c in stats["candidates"]]
-
-    sft_rows, rl_rows = signals(sft_spec), signals(rl_spec)
-
-    def mean_of(rows, key):
-        vals = [r[key] for r in rows if r["moved"]]
-        return float(np.mean(vals)) if vals else None
-
+    sft_rows, rl_rows = _signal_rows(sft_spec), _signal_rows(rl_spec)
     curves = {c["name"]: c["energy_curve"] for c in rl_spec["candidates"]}
     grid = rl_spec["curve_rho"]
     idx = int(round(rho * (len(grid) - 1)))
@@ -327,11 +331,11 @@ def diagnose(base, reference, target, forget: Sequence[dict], out_dir, rho: floa
                                    "rlvr": delta_summary(seq_rl, threshold)},
         "mean_logprob": {role: float(np.concatenate(v).mean()) for role, v in lp.items()},
         "weights": {
-            "sft": {"mean_update_magnitude": mean_of(sft_rows, "update_magnitude"),
-                    "mean_off_principal_energy": mean_of(sft_rows, "off_principal_energy"),
+            "sft": {"mean_update_magnitude": _mean_moved(sft_rows, "update_magnitude"),
+                    "mean_off_principal_energy": _mean_moved(sft_rows, "off_principal_energy"),
                     "candidates": sft_rows},
-            "rlvr": {"mean_update_magnitude": mean_of(rl_rows, "update_magnitude"),
-                     "mean_off_principal_energy": mean_of(rl_rows, "off_principal_energy"),
+            "rlvr": {"mean_update_magnitude": _mean_moved(rl_rows, "update_magnitude"),
+                     "mean_off_principal_energy": _mean_moved(rl_rows, "off_principal_energy"),
                      "candidates": rl_rows},
         },
         "projection_ranks": {"sft": projection_ranks(sft_rows), "rlvr": projection_ranks(rl_rows)},
@@ -378,8 +382,6 @@ def format_summary(result: dict) -> str:
 
 
 def cli_diagnose(args) -> int:
-    from mast.hub import resolve_model
-
     check_output_path(args.out, kind="dir")
     forget = read_jsonl(args.forget, required=("prompt", "solution"))
     if not forget:

@@ -43,7 +43,9 @@ from mast.files import (
     stable_hash,
     write_json,
 )
+from mast.hub import resolve_model
 from mast.models import DEFAULT_PATTERNS, check_model_dir, matched_inventory
+from mast.prompts import TEMPLATES
 from mast.registry import RULE_FACTS, uses_k
 from mast.signals import CURVE_POINTS, SIGNALS, coupling, mast_score, rank_for, tensor_signals
 
@@ -201,8 +203,6 @@ def coupling_stats(
     `batch_size` (one backward pass per batch; the result does not depend on the batch size). Only candidate tensors require grad. Cached under
     `cache_root/coupling/` by both fingerprints, the forget texts, template, max_length, patterns.
     """
-    from mast.prompts import TEMPLATES
-
     _check_forget(forget)
     if template not in TEMPLATES:
         raise InputError(f"template: unknown {template!r}; known: {sorted(TEMPLATES)}")
@@ -384,7 +384,7 @@ def select(
 ) -> dict:
     """Rank the candidate tensors of (reference, target) and pick the tensors to unlearn.
 
-    Returns the selection JSON of ARCHITECTURE.md: {"rule", "k", "rho", "candidates": [{"name",
+    Returns the selection JSON of docs/architecture.md: {"rule", "k", "rho", "candidates": [{"name",
     "shape", "update_magnitude", "off_principal_energy", "coupling", "coupling_cosine", "score",
     "selected", "moved"}], "all_parameters", ...} plus provenance (fingerprints, cache hits, warnings).
     """
@@ -448,8 +448,6 @@ def format_table(selection: dict) -> str:
 
 
 def cli_select(args) -> int:
-    from mast.hub import resolve_model
-
     spec = merge_spec(SelectionSpec, getattr(args, "spec", None), args, ("rule", "k", "rho", "seed"))
     check_output_path(args.out)
     args.reference = resolve_model(args.reference, "--reference")  # a folder or a Hub id

@@ -27,7 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mast.backends import HFBackend
+from mast.batching import completion_logprobs, encode_problems, in_order, to_device
 from mast.config import StopSpec, SuiteSpec
+from mast.evaluation import evaluate
 
 StopCheck = Callable[[int, Any], float]
 
@@ -104,9 +107,6 @@ def accuracy_check(model_dir, problems: list[dict], suite: SuiteSpec, batch_size
     whose weights are the in-training model (tokenizer and eos ids from `model_dir`, the
     target); the evaluation cache is bypassed (the weights change between checks).
     """
-    from mast.backends import HFBackend
-    from mast.evaluation import evaluate
-
     class LiveBackend(HFBackend):
         """The hf backend on a model already in memory."""
 
@@ -138,8 +138,6 @@ def mean_completion_nll(model, encoded: list, pad_id: int, batch_size: int) -> f
     """Mean NLL per completion token over `encoded` problems: -sum_i s_i / sum_i |y_i| (float64 sums)."""
     import torch
 
-    from mast.batching import completion_logprobs, in_order, to_device
-
     device = _device_of(model)
     total, tokens = 0.0, 0
     with torch.inference_mode():
@@ -157,8 +155,6 @@ def nll_check(model_dir, problems: list[dict], template: str = "qwen_boxed", max
     """``stop_check`` for ``forget_nll_rise``: the live model's mean NLL per token on the `problems`'
     solutions (prompt + solution texts of :func:`mast.prompts.problem_pair`, prompt tokens masked)."""
     from transformers import AutoTokenizer
-
-    from mast.unlearn import encode_problems
 
     if not problems:
         raise ValueError("nll_check needs forget problems")

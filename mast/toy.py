@@ -28,7 +28,7 @@ tokenizer trained here (Qwen2's pre-tokenizer: one token per digit; ChatML chat 
    skips the carry under greedy decoding (forget accuracy ~ the no-carry share) but keeps it
    in a fraction of its samples: a systematic failure that the reward can repair;
 3. **RLVR**: a compact GRPO loop on forget_train problems: G sampled completions per prompt,
-   reward = the grader's verdict (:func:`mast.grading.grade_records`), group-relative advantage
+   reward = the grader's verdict (:func:`mast.grading.grade_responses`), group-relative advantage
    ``A_i = (r_i - mean(r)) / (std(r) + eps)``, loss
    ``-sum_t A_i log pi(y_t) / T + beta * KL_k3(pi || pi_sft)``, with
    ``KL_k3 = exp(q - p) - (q - p) - 1`` per token (``p``/``q``: policy/SFT log-probs).
@@ -58,21 +58,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mast.config import BOXED_INSTRUCTION, DecodingSpec, SuiteSpec
+from mast.batching import next_token_logprobs, pad_left, pad_right
+from mast.config import BOXED_INSTRUCTION, DecodingSpec, SuiteSpec, load_suite
+from mast.evaluation import evaluate
 from mast.files import InputError, atomic_dir, read_json, write_json, write_jsonl
-from mast.toy_task import (  # noqa: F401  (the task, re-exported: mast.toy is its public home)
+from mast.grading import grade_responses
+from mast.prompts import completion_text, format_prompt, problem_pair, tokenize_pair
+from mast.seeding import seed_everything
+from mast.tiny import tiny_config, train_tokenizer
+from mast.toy_task import (
     FORGET_SKILL,
     RETAIN_SKILL,
-    SPLIT_ORDER,
     _operands,
-    add_problem,
-    all_problems,
     careless_mul_solution,
     fact_problem,
     generate_task,
-    has_carry,
-    mul_problem,
-    no_overflow,
     operand_key,
     paired_gain_ci,
     public,
@@ -138,17 +138,6 @@ class ToyConfig:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _seed_everything(seed: int, threads: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def _bar(total: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -181,13 +170,6 @@ def _step(model, opt, loss, lr: float, cfg: ToyConfig) -> None:
     opt.step()
 
 
-def token_logprobs(logits, ids):
-    """log pi(ids[t] | ids[<t]) for t >= 1: shape (B, T-1)."""
-    import torch
-
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-
 def _save(model, tok, out: Path) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -202,8 +184,6 @@ def _chat_pieces(question: str, solution: str) -> list[str]:
 
 
 def build_tokenizer(task: dict[str, list[dict]], cfg: ToyConfig):
-    from mast.tiny import train_tokenizer
-
     texts: list[str] = []
     for p in task["retain_train"][:2000] + task["forget_train"]:
         texts += _chat_pieces(p["prompt"], p["solution"])
@@ -224,8 +204,6 @@ def _base_stream(tok, task, cfg: ToyConfig, rng: random.Random) -> Iterator[list
     Each document is a user turn + assistant solution in ChatML (no system instruction), so
     question and solution sit at the same relative offsets as in the evaluated prompt.
     """
-    from mast.prompts import completion_text, tokenize_pair
-
     retain = task["retain_train"]
     buf: list[int] = []
     while True:
@@ -273,25 +251,8 @@ def train_base(model, tok, task, cfg: ToyConfig, seed: int, on_step=None) -> lis
     return losses
 
 
-def _pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded (ids, attention_mask, completion_mask) tensors."""
-    import torch
-
-    width = max(len(ids) for ids, _ in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(pairs), width), dtype=torch.long)
-    cm = torch.zeros((len(pairs), width), dtype=torch.float)
-    for i, (p, m) in enumerate(pairs):
-        ids[i, : len(p)] = torch.tensor(p)
-        att[i, : len(p)] = 1
-        cm[i, : len(m)] = torch.tensor(m, dtype=torch.float)
-    return ids, att, cm
-
-
 def train_sft(model, tok, task, cfg: ToyConfig, seed: int, on_step=None) -> list[float]:
     """Prompt -> solution in the chat format; mean NLL over completion tokens only."""
-    from mast.prompts import problem_pair
-
     rng = random.Random(f"sft-{seed}")
     retain, forget = task["retain_train"], task["forget_train"]
     opt = _optimizer(model, cfg.sft_lr, cfg.weight_decay)
@@ -303,11 +264,11 @@ def train_sft(model, tok, task, cfg: ToyConfig, seed: int, on_step=None) -> list
         probs = rng.sample(retain, cfg.sft_batch - n_forget) + [
             p if rng.random() >= cfg.sft_careless_frac else {**p, "solution": careless_mul_solution(*_operands(p))}
             for p in rng.sample(forget, n_forget)]
-        ids, att, cm = _pad_batch([problem_pair(tok, p, TEMPLATE, cfg.max_positions) for p in probs],
-                                  tok.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=att).logits
-        lp = token_logprobs(logits, ids)
-        mask = cm[:, 1:]
+        batch = pad_right([problem_pair(tok, p, TEMPLATE, cfg.max_positions) for p in probs], tok.pad_token_id)
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        lp = next_token_logprobs(logits, ids)
+        mask = batch["completion_mask"][:, 1:].float()
         loss = -(lp * mask).sum() / mask.sum()
         _step(model, opt, loss, cfg.sft_lr * _schedule(step, cfg.sft_steps, 10), cfg)
         losses.append(loss.item())
@@ -333,20 +294,14 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def grade_responses(problems: list[dict], responses: list[str]) -> list[bool]:
-    """The verifiable reward: the math grader's verdict per response."""
-    from mast.grading import grade_records
-
-    rows = [{"id": f"{p['id']}#{i}", "benchmark": "math", "gold": p["answer"], "response": r}
-            for i, (p, r) in enumerate(zip(problems, responses))]
-    return [bool(r["correct"]) for r in grade_records(rows)]
+def rewards(problems: list[dict], responses: list[str]) -> list[bool]:
+    """The verifiable reward: the math grader's verdict per response (:func:`mast.grading.grade_responses`)."""
+    return [bool(r["correct"]) for r in grade_responses(problems, responses, "math")]
 
 
 def train_rlvr(model, ref, tok, task, cfg: ToyConfig, seed: int, on_step=None) -> list[dict]:
     """GRPO on forget-skill problems (see the module docstring for the loss)."""
     import torch
-
-    from mast.prompts import format_prompt
 
     rng = random.Random(f"rl-{seed}")
     pool = list(task["forget_train"])
@@ -361,12 +316,8 @@ def train_rlvr(model, ref, tok, task, cfg: ToyConfig, seed: int, on_step=None) -
         probs = rng.sample(pool, cfg.rl_prompts)
         prompt_ids = [tok(format_prompt(tok, p["prompt"], TEMPLATE), add_special_tokens=False)["input_ids"]
                       for p in probs]
-        width = max(len(p) for p in prompt_ids)
-        x = torch.full((len(probs), width), pad, dtype=torch.long)
-        att = torch.zeros_like(x)
-        for i, p in enumerate(prompt_ids):
-            x[i, width - len(p):] = torch.tensor(p)
-            att[i, width - len(p):] = 1
+        x, att = pad_left(prompt_ids, pad)
+        width = x.shape[1]
         model.eval()
         with torch.no_grad():
             seqs = model.generate(input_ids=x, attention_mask=att, do_sample=True, temperature=cfg.rl_temperature,
@@ -380,23 +331,23 @@ def train_rlvr(model, ref, tok, task, cfg: ToyConfig, seed: int, on_step=None) -
         texts = tok.batch_decode([[t for t, m in zip(row, mrow) if m and t != eos]
                                   for row, mrow in zip(comp.tolist(), cmask.tolist())])
         rep = [p for p in probs for _ in range(cfg.rl_group)]
-        rewards = torch.tensor(grade_responses(rep, texts), dtype=torch.float)
-        adv = group_advantages(rewards, cfg.rl_group)
+        reward = torch.tensor(rewards(rep, texts), dtype=torch.float)
+        adv = group_advantages(reward, cfg.rl_group)
         full_att = torch.cat([att.repeat_interleave(cfg.rl_group, 0), cmask.long()], 1)
         full_ids = seqs.masked_fill(full_att == 0, pad)
         pos = (full_att.cumsum(1) - 1).clamp(min=0)  # as in generate(): positions skip left padding
         with torch.no_grad():
-            ref_lp = token_logprobs(ref(input_ids=full_ids, attention_mask=full_att, position_ids=pos).logits,
+            ref_lp = next_token_logprobs(ref(input_ids=full_ids, attention_mask=full_att, position_ids=pos).logits,
                                     full_ids)[:, width - 1:]
         model.train()
-        lp = token_logprobs(model(input_ids=full_ids, attention_mask=full_att, position_ids=pos).logits,
+        lp = next_token_logprobs(model(input_ids=full_ids, attention_mask=full_att, position_ids=pos).logits,
                             full_ids)[:, width - 1:]
         n_tok = cmask.sum().clamp(min=1)
         pg = -(adv[:, None] * lp * cmask).sum() / n_tok
         kl = (kl_k3(lp, ref_lp) * cmask).sum() / n_tok
         loss = pg + cfg.rl_beta * kl
         _step(model, opt, loss, cfg.rl_lr * _schedule(step, cfg.rl_steps, 3), cfg)
-        log.append({"step": step, "reward": rewards.mean().item(), "kl": kl.item(), "loss": loss.item()})
+        log.append({"step": step, "reward": reward.mean().item(), "kl": kl.item(), "loss": loss.item()})
         bar.update(1)
         bar.set_postfix(reward=f"{log[-1]['reward']:.2f}", kl=f"{log[-1]['kl']:.3f}")
         if on_step:
@@ -426,9 +377,6 @@ def write_suites(out: Path, cfg: ToyConfig) -> None:
 def evaluate_stage(model_dir: Path, suites_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, bool]]]:
     """Greedy accuracy on the held-out test sets (suites forget, retain) through the evaluator
     (hf backend), and the per-problem verdicts (suite -> id -> correct)."""
-    from mast.config import load_suite
-    from mast.evaluation import evaluate
-
     accs, correct = {}, {}
     for name in ("forget", "retain"):
         suite = load_suite(suites_dir / f"{name}.yaml")
@@ -461,9 +409,6 @@ def init_model(task, cfg: ToyConfig, seed: int, where: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mast.prompts import problem_pair
-    from mast.tiny import tiny_config
-
     tok = build_tokenizer(task, cfg)
     mcfg = tiny_config(len(tok), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
                        intermediate=cfg.intermediate, max_positions=cfg.max_positions,
@@ -483,10 +428,38 @@ def init_model(task, cfg: ToyConfig, seed: int, where: Path):
     return model, loaded
 
 
+def _train_stages(tmp: Path, task, cfg: ToyConfig, seed: int, times: dict[str, float]):
+    """Base, SFT and RLVR in turn, each saved under `tmp`; (model, tokenizer, per-stage logs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, tok = init_model(task, cfg, seed, tmp / "base")
+    logs: dict = {}
+
+    t = time.perf_counter()
+    logs["base"] = train_base(model, tok, task, cfg, seed)
+    _save(model, tok, tmp / "base")
+    times["base"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    torch.manual_seed(seed + 1)
+    logs["sft"] = train_sft(model, tok, task, cfg, seed)
+    _save(model, tok, tmp / "sft")
+    times["sft"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    torch.manual_seed(seed + 2)
+    ref = AutoModelForCausalLM.from_pretrained(tmp / "sft")
+    ref.eval().requires_grad_(False)
+    logs["rlvr"] = train_rlvr(model, ref, tok, task, cfg, seed)
+    _save(model, tok, tmp / "rlvr")
+    times["rlvr"] = time.perf_counter() - t
+    return model, tok, logs
+
+
 def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config: ToyConfig | None = None) -> dict:
     """Build (or reuse) the toy triple at `out`; returns the toy_summary dict."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     cfg = config or ToyConfig()
@@ -502,34 +475,15 @@ def build_toy(out: str | os.PathLike, seed: int = 0, force: bool = False, config
     times: dict[str, float] = {}
     try:
         with atomic_dir(out) as tmp:
-            _seed_everything(seed, cfg.threads)
+            seed_everything(seed)
+            torch.set_num_threads(cfg.threads)
+            torch.use_deterministic_algorithms(True, warn_only=True)
             task = generate_task(seed, cfg.n_unlearn, cfg.n_eval, cfg.n_val)
             (tmp / "data").mkdir()
             for name in DATA_FILES:
                 write_jsonl(tmp / "data" / f"{name}.jsonl", [public(p) for p in task[name]])
             write_suites(tmp, cfg)
-            model, tok = init_model(task, cfg, seed, tmp / "base")
-            logs: dict = {}
-
-            t = time.perf_counter()
-            logs["base"] = train_base(model, tok, task, cfg, seed)
-            _save(model, tok, tmp / "base")
-            times["base"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            torch.manual_seed(seed + 1)
-            logs["sft"] = train_sft(model, tok, task, cfg, seed)
-            _save(model, tok, tmp / "sft")
-            times["sft"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            torch.manual_seed(seed + 2)
-            ref = AutoModelForCausalLM.from_pretrained(tmp / "sft")
-            ref.eval().requires_grad_(False)
-            logs["rlvr"] = train_rlvr(model, ref, tok, task, cfg, seed)
-            _save(model, tok, tmp / "rlvr")
-            times["rlvr"] = time.perf_counter() - t
-            del ref
+            model, tok, logs = _train_stages(tmp, task, cfg, seed, times)
 
             t = time.perf_counter()
             summary: dict = {}

@@ -1,6 +1,6 @@
 """The masked unlearning loop: an objective of :mod:`mast.objectives` on exactly the selected tensors.
 
-Given a target checkpoint and a selection (ARCHITECTURE.md shape), only the selected tensors
+Given a target checkpoint and a selection (docs/architecture.md shape), only the selected tensors
 get ``requires_grad`` and only they are in the AdamW optimizer; every other parameter keeps
 its stored bits. The ``full`` rule (``selection["all_parameters"]``) trains every parameter in
 the same loop: the full-parameter baseline.
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mast.batching import (
@@ -74,8 +72,10 @@ from mast.files import (
     write_json,
     write_jsonl,
 )
+from mast.hub import resolve_model
 from mast.objectives import forget_loss, kl, nll, retain_scale_for
 from mast.registry import NEEDS_REFERENCE
+from mast.seeding import seed_everything
 from mast.stopping import decide, is_check_step, stop_summary
 
 # in a subfolder: vLLM loads EVERY top-level *.safetensors of a checkpoint without an index, so a
@@ -167,12 +167,6 @@ def take(stream: Iterator[int], k: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- model pieces
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def stored_dtype(model) -> torch.dtype:
@@ -294,6 +288,34 @@ def train_step(model, opt, sched, params: list, spec: UnlearnSpec, micro_batches
             "total": acc["total"], "lr": lr_now, "grad_norm": float(gnorm)}
 
 
+@dataclass
+class _Run:
+    """One run's state, passed between the steps of :func:`unlearn`."""
+
+    spec: UnlearnSpec
+    device: torch.device
+    use_amp: bool
+    retain_term: str  # spec.retain, or "none" without retain texts
+    tokenizer: Any = None
+    model: Any = None
+    save_dtype: torch.dtype | None = None
+    trainable: dict = field(default_factory=dict)  # {name: Parameter} being trained
+    original: dict = field(default_factory=dict)  # {name: tensor} their stored values (CPU, save dtype)
+    use_cache: bool = True
+    pad_id: int = 0
+    f_enc: list = field(default_factory=list)
+    r_enc: list = field(default_factory=list)
+    ref_logp: torch.Tensor | None = None  # π_ref's summed log-prob of each forget text (NPO-style objectives)
+    ref_model: Any = None  # the frozen target for the KL retain term
+    losses: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    state_bytes: int = 0
+
+    @property
+    def amp(self):
+        return autocast_for(self.use_amp)
+
+
 def unlearn(
     target_dir,
     selection: dict,
@@ -314,116 +336,163 @@ def unlearn(
     selection file; empty forget set; `spec.stop` without a check) and :class:`UnlearnDiverged`
     when a loss or the gradient norm is not finite (nothing written).
     """
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
     t0 = time.time()
     target_dir, out_dir = Path(target_dir), Path(out_dir)
+    _check_inputs(forget, spec, stop_check)
+    run = _load(target_dir, selection, selection_source, spec, retain, device)
+    _encode(run, forget, retain, template)
+    _reference(run, target_dir)
+    _train(run, stop_check, progress)
+    changed = _changed_tensors(run)
+    target_fp = fingerprint_model(target_dir)
+    manifest = _manifest(run, target_dir, target_fp, selection, selection_source, template, forget, retain,
+                         changed)
+    _save(run, out_dir, changed, manifest, target_fp, t0)
+    steps_run = len(run.losses)
+    return UnlearnResult(out_dir=out_dir, losses=run.losses, manifest=manifest, steps_run=steps_run,
+                         stopped_early=steps_run < spec.step_cap, stop_history=run.history)
+
+
+def _check_inputs(forget: list[dict], spec: UnlearnSpec, stop_check) -> None:
     if not forget:
         raise InputError("forget: no problems to unlearn")
     if spec.stop is not None and stop_check is None:
         raise InputError("unlearning.stop is set but no stop check was given (it needs forget-validation problems)")
     if spec.stop is None and stop_check is not None:
         raise ValueError("stop_check given without unlearning.stop")
-    retain_term = spec.retain if retain else "none"
+
+
+def _load(target_dir: Path, selection: dict, selection_source: str, spec: UnlearnSpec, retain, device) -> _Run:
+    """Seed, load the target and its tokenizer, and make the selected tensors the only trainable ones."""
+    from transformers import AutoTokenizer
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_amp = device.type == "cuda" and spec.bf16
+    run = _Run(spec=spec, device=device, use_amp=device.type == "cuda" and spec.bf16,
+               retain_term=spec.retain if retain else "none")
     seed_everything(spec.seed)
+    run.tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    model = run.model = load_model(target_dir)
+    run.save_dtype = stored_dtype(model)
+    run.trainable = trainable_parameters(model, selection, selection_source)
+    run.original = {n: p.detach().to("cpu", run.save_dtype, copy=True) for n, p in run.trainable.items()}
+    run.use_cache = model.config.use_cache
+    prepare_model(model, run.trainable, device, run.use_amp, spec.gradient_checkpointing)
+    return run
 
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    model = load_model(target_dir)
-    save_dtype = stored_dtype(model)
-    trainable = trainable_parameters(model, selection, selection_source)
-    original = {n: p.detach().to("cpu", save_dtype, copy=True) for n, p in trainable.items()}
-    use_cache = model.config.use_cache
-    prepare_model(model, trainable, device, use_amp, spec.gradient_checkpointing)
-    amp = autocast_for(use_amp)
 
-    pad_id = pad_id_of(tokenizer)
-    f_enc = encode_problems(tokenizer, forget, template, spec.max_length)
-    r_enc = encode_problems(tokenizer, retain, template, spec.max_length) if retain_term != "none" else []
+def _encode(run: _Run, forget: list[dict], retain, template: str) -> None:
+    """Tokenise the forget texts, and the retain texts when a retain term is on."""
+    run.pad_id = pad_id_of(run.tokenizer)
+    run.f_enc = encode_problems(run.tokenizer, forget, template, run.spec.max_length)
+    run.r_enc = encode_problems(run.tokenizer, retain, template, run.spec.max_length) \
+        if run.retain_term != "none" else []
 
-    # π_ref on the forget texts: computed once, before any update (the model is the target here).
-    ref_logp = None
+
+def _reference(run: _Run, target_dir: Path) -> None:
+    """π_ref: the forget texts' log-probs under the target (once, before any update) and, for the
+    KL retain term, a frozen copy of the target."""
+    spec, device = run.spec, run.device
     if spec.objective in NEEDS_REFERENCE:
+        model, f_enc = run.model, run.f_enc
         model.eval()
         ref_logp = torch.empty(len(f_enc), dtype=torch.float32)
-        with torch.inference_mode(), amp():
+        with torch.inference_mode(), run.amp():
             for i in range(0, len(f_enc), spec.batch_size):
                 idx = list(range(i, min(i + spec.batch_size, len(f_enc))))
-                s, _, _ = completion_logprobs(model, to_device(collate(f_enc, idx, pad_id), device))
+                s, _, _ = completion_logprobs(model, to_device(collate(f_enc, idx, run.pad_id), device))
                 ref_logp[idx] = s.float().cpu()
-        ref_logp = ref_logp.clone().to(device)
-    ref_model = None
-    if retain_term == "kl":
-        ref_model = load_model(target_dir)
-        ref_model.to(device=device, dtype=torch.bfloat16 if use_amp else torch.float32)
+        run.ref_logp = ref_logp.clone().to(device)
+    if run.retain_term == "kl":
+        ref_model = run.ref_model = load_model(target_dir)
+        ref_model.to(device=device, dtype=torch.bfloat16 if run.use_amp else torch.float32)
         ref_model.requires_grad_(False).eval()
         ref_model.config.use_cache = False
 
-    params = list(trainable.values())
+
+def _micro_batch(run: _Run, f_stream: Iterator[int], r_stream: Iterator[int] | None) -> tuple:
+    """(forget batch, its π_ref log-probs or None, retain batch or None), on the run's device."""
+    bs, device = run.spec.batch_size, run.device
+    idx = take(f_stream, bs)
+    fb = to_device(collate(run.f_enc, idx, run.pad_id), device)
+    rb = to_device(collate(run.r_enc, take(r_stream, bs), run.pad_id), device) if r_stream else None
+    return fb, run.ref_logp[idx] if run.ref_logp is not None else None, rb
+
+
+def _train(run: _Run, stop_check, progress: bool) -> None:
+    """The optimiser steps, with the stopping rule's checks; fills run.losses, run.history, run.state_bytes.
+
+    Raises UnlearnDiverged when a trained tensor ends non-finite.
+    """
+    from tqdm.auto import tqdm
+
+    spec, model = run.spec, run.model
+    params = list(run.trainable.values())
     opt, sched = make_optimizer(params, spec)
     gen = torch.Generator().manual_seed(spec.seed)
-    f_stream = index_stream(len(f_enc), gen)
-    r_stream = index_stream(len(r_enc), gen) if r_enc else None
-
-    n_steps = spec.step_cap
-    history: list[dict] = []
+    f_stream = index_stream(len(run.f_enc), gen)
+    r_stream = index_stream(len(run.r_enc), gen) if run.r_enc else None
     if spec.stop is not None:
-        history.append({"step": 0, "value": _run_check(stop_check, 0, model, amp)})
+        run.history.append({"step": 0, "value": _run_check(stop_check, 0, model, run.amp)})
     model.train()
-    losses: list[dict] = []
-    bar = tqdm(total=n_steps, desc="unlearn", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=spec.step_cap, desc="unlearn", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
-        for step in range(1, n_steps + 1):
-            micro = []
-            for _ in range(spec.grad_accum):
-                idx = take(f_stream, spec.batch_size)
-                fb = to_device(collate(f_enc, idx, pad_id), device)
-                rb = to_device(collate(r_enc, take(r_stream, spec.batch_size), pad_id), device) if r_stream else None
-                micro.append((fb, ref_logp[idx] if ref_logp is not None else None, rb))
-            row = train_step(model, opt, sched, params, spec, micro, step, retain_term, ref_model, use_amp)
-            losses.append(row)
+        for step in range(1, spec.step_cap + 1):
+            micro = [_micro_batch(run, f_stream, r_stream) for _ in range(spec.grad_accum)]
+            row = train_step(model, opt, sched, params, spec, micro, step, run.retain_term, run.ref_model,
+                             run.use_amp)
+            run.losses.append(row)
             bar.update(1)
             bar.set_postfix(forget=f"{row['forget']:.4g}", total=f"{row['total']:.4g}")
             if spec.stop is not None and is_check_step(spec.stop, step):
-                history.append({"step": step, "value": _run_check(stop_check, step, model, amp)})
-                if decide(spec.stop, history).stop:
+                run.history.append({"step": step, "value": _run_check(stop_check, step, model, run.amp)})
+                if decide(spec.stop, run.history).stop:
                     break
     finally:
         bar.close()
-    steps_run = len(losses)
-    stopped_early = steps_run < n_steps
-    for n, p in trainable.items():
+    for n, p in run.trainable.items():
         if not _finite(p.detach()):
-            raise UnlearnDiverged(steps_run, f"tensor {n} has non-finite values after the update")
+            raise UnlearnDiverged(len(run.losses), f"tensor {n} has non-finite values after the update")
+    run.state_bytes = optimizer_state_bytes(opt)
+    run.ref_model = None
 
-    state_bytes = optimizer_state_bytes(opt)
-    del opt, ref_model
-    model.config.use_cache = use_cache
+
+def _changed_tensors(run: _Run) -> dict:
+    """Put the model back as loaded (config, eval, CPU, stored dtype); {name: new value} of the trained
+    tensors whose bits changed."""
+    model = run.model
+    model.config.use_cache = run.use_cache
     model.eval()
-    if use_amp and spec.gradient_checkpointing:
+    if run.use_amp and run.spec.gradient_checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
     model.requires_grad_(False)
-    model.to(device="cpu", dtype=save_dtype)
+    model.to(device="cpu", dtype=run.save_dtype)
     now = dict(model.named_parameters())
-    changed = {n: now[n].detach().contiguous() for n in trainable if not torch.equal(now[n], original[n])}
+    return {n: now[n].detach().contiguous() for n in run.trainable if not torch.equal(now[n], run.original[n])}
 
-    target_fp = fingerprint_model(target_dir)
+
+def _selection_summary(selection: dict, selection_source: str, n_selected: int) -> dict:
     names = selection_names(selection, selection_source)
-    manifest = {
+    return {
+        "rule": selection.get("rule"),
+        "k": selection.get("k"),
+        "rho": selection.get("rho"),
+        "all_parameters": names is None,
+        "selected": names if names is not None else [],
+        "n_selected": n_selected,
+        "hash": stable_hash(selection),
+    }
+
+
+def _manifest(run: _Run, target_dir: Path, target_fp: str, selection: dict, selection_source: str, template: str,
+              forget: list[dict], retain, changed: dict) -> dict:
+    """manifest.json (``seconds`` is filled in when the files are written)."""
+    spec, retain_term, losses = run.spec, run.retain_term, run.losses
+    steps_run = len(losses)
+    return {
         "target": str(target_dir),
         "target_fingerprint": target_fp,
-        "selection": {
-            "rule": selection.get("rule"),
-            "k": selection.get("k"),
-            "rho": selection.get("rho"),
-            "all_parameters": names is None,
-            "selected": names if names is not None else [],
-            "n_selected": len(trainable),
-            "hash": stable_hash(selection),
-        },
+        "selection": _selection_summary(selection, selection_source, len(run.trainable)),
         "objective": spec.objective,
         "beta": spec.effective_beta if spec.objective != "ga" else None,
         "retain_term": retain_term,
@@ -432,36 +501,38 @@ def unlearn(
         "seed": spec.seed,
         "steps": steps_run,
         "steps_run": steps_run,
-        "stopped_early": stopped_early,
-        "stop": stop_summary(spec.stop, history) if spec.stop is not None else None,
+        "stopped_early": steps_run < spec.step_cap,
+        "stop": stop_summary(spec.stop, run.history) if spec.stop is not None else None,
         "template": template,
         "n_forget": len(forget),
         "n_retain": len(retain or []) if retain_term != "none" else 0,
         "final_losses": {k: losses[-1][k] for k in ("forget", "retain", "total")} if losses else {},
-        "trainable_tensors": len(trainable),
-        "trainable_parameters": sum(p.numel() for p in trainable.values()),
-        "optimizer_state_bytes": state_bytes,
+        "trainable_tensors": len(run.trainable),
+        "trainable_parameters": sum(p.numel() for p in run.trainable.values()),
+        "optimizer_state_bytes": run.state_bytes,
         "changed_tensors": sorted(changed),
-        "delta": {"file": DELTA_FILE, "format": DELTA_FORMAT, "dtype": str(save_dtype).removeprefix("torch.")},
-        "device": str(device),
-        "bf16_autocast": use_amp,
-        "gradient_checkpointing": bool(use_amp and spec.gradient_checkpointing),
+        "delta": {"file": DELTA_FILE, "format": DELTA_FORMAT, "dtype": str(run.save_dtype).removeprefix("torch.")},
+        "device": str(run.device),
+        "bf16_autocast": run.use_amp,
+        "gradient_checkpointing": bool(run.use_amp and spec.gradient_checkpointing),
         "versions": _versions(),
         "seconds": None,
     }
+
+
+def _save(run: _Run, out_dir: Path, changed: dict, manifest: dict, target_fp: str, t0: float) -> None:
+    """Checkpoint + tokenizer, delta, losses and manifest into `out_dir`, atomically."""
     from safetensors.torch import save_file
 
     with atomic_dir(out_dir) as tmp, quiet_loading():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        run.model.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
         (tmp / DELTA_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file(changed, str(tmp / DELTA_FILE),
                   metadata={"format": "pt", "mast_delta": DELTA_FORMAT, "target_fingerprint": target_fp})
-        write_jsonl(tmp / LOSSES_FILE, losses)
+        write_jsonl(tmp / LOSSES_FILE, run.losses)
         manifest["seconds"] = round(time.time() - t0, 3)
         write_json(tmp / MANIFEST_FILE, manifest)
-    return UnlearnResult(out_dir=out_dir, losses=losses, manifest=manifest, steps_run=steps_run,
-                         stopped_early=stopped_early, stop_history=history)
 
 
 def _run_check(stop_check, step: int, model, amp) -> float:
@@ -528,8 +599,6 @@ def apply_delta(target_dir, delta_path, out_dir=None, check: bool = True):
 
 def cli_unlearn(args) -> int:
     """`mast unlearn`: read the selection and problem files, run :func:`unlearn`, print a summary."""
-    from mast.hub import resolve_model
-
     spec = merge_spec(UnlearnSpec, args.spec, args, ("objective", "steps", "lr", "seed"))
     if spec.stop is not None:
         raise InputError(f"{args.spec}: stop: `mast unlearn` has no stop check (it needs forget-validation "

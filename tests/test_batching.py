@@ -14,6 +14,7 @@ from mast.batching import (
     completion_nll,
     encode_problems,
     in_order,
+    next_token_logprobs,
     pad_id_of,
     pad_left,
     pad_right,
@@ -104,6 +105,17 @@ def test_token_logprobs_is_float32_for_bf16_logits():
     out = token_logprobs(z, torch.tensor([0, 1, 2, 3]))
     assert out.dtype == torch.float32
     assert torch.allclose(out, torch.log_softmax(z.float(), -1)[torch.arange(4), torch.tensor([0, 1, 2, 3])])
+
+
+def test_next_token_logprobs_is_the_shifted_token_logprobs_at_every_position():
+    # the toy's full-logits formula (log_softmax + gather) and the loop's masked one agree, shifted by one
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 7, 11, generator=g)
+    ids = torch.randint(0, 11, (3, 7), generator=g)
+    out = next_token_logprobs(z, ids)
+    assert out.shape == (3, 6) and out.dtype == torch.float32
+    assert torch.allclose(out, token_logprobs(z[:, :-1], ids[:, 1:]), atol=1e-6)
+    assert out[1, 2] == torch.log_softmax(z[1, 2], -1)[ids[1, 3]]
 
 
 @pytest.fixture(scope="module")

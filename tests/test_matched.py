@@ -23,7 +23,7 @@ def _disjoint(a: list[dict], b: list[dict]) -> None:
 
 
 def test_toy_validation_sets_share_no_id_and_no_text_with_test_sets_or_unlearning_texts():
-    from mast.toy import generate_task
+    from mast.toy_task import generate_task
 
     task = generate_task(0)
     for skill in ("forget", "retain"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from mast.batching import encode_problems
 from mast.cli import main as mast_main
 from mast.config import StopSpec, SuiteSpec, UnlearnSpec, validate
 from mast.files import InputError, read_json, read_jsonl, write_json, write_jsonl
@@ -21,7 +22,7 @@ from mast.stopping import (
     nll_check,
     threshold,
 )
-from mast.unlearn import DELTA_FILE, LOSSES_FILE, MANIFEST_FILE, encode_problems, load_model, unlearn
+from mast.unlearn import DELTA_FILE, LOSSES_FILE, MANIFEST_FILE, load_model, unlearn
 
 SELECTED = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
 

@@ -10,18 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from mast.toy import (
-    DATA_FILES,
+from mast.toy import DATA_FILES, SUITES, ToyConfig, build_toy, is_finished
+from mast.toy_task import (
     FORGET_SKILL,
     RETAIN_SKILL,
-    SUITES,
-    ToyConfig,
     add_problem,
-    build_toy,
     careless_mul_solution,
     generate_task,
     has_carry,
-    is_finished,
     mul_problem,
     operand_key,
     paired_gain_ci,
