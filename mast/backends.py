@@ -216,6 +216,8 @@ class HFBackend(Backend):
     def _generation_config(self, decoding: DecodingSpec):
         from transformers import GenerationConfig
 
+        if decoding.repetition_detection is not None:
+            raise InputError("decoding.repetition_detection: only the vllm backend has it")
         sample = decoding.temperature > 0
         return GenerationConfig(
             max_new_tokens=decoding.max_tokens,
@@ -290,6 +292,11 @@ class HFBackend(Backend):
                 torch.cuda.empty_cache()
 
 
+# vLLM's CPU build reserves VLLM_CPU_KVCACHE_SPACE GiB of KV cache per engine (its default, 19 GiB,
+# costs over a minute of start-up and two engines exceed a 24 GiB machine); the GPU build ignores it
+VLLM_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
 class VLLMBackend(Backend):
     """vLLM generation in its own process (``python -m mast.vllm_worker IN OUT``).
 
@@ -323,13 +330,16 @@ class VLLMBackend(Backend):
         }
         self.timeout_s = timeout_s
         self.progress = progress
+        # the worker's environment defaults; the caller's own environment wins (docs/vllm.md)
+        self.env_defaults = dict(VLLM_ENV_DEFAULTS)
 
     def generate_samples(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
         return self.generate_groups([(prompt_ids, decoding)])[0]
 
     def _sampling(self, decoding: DecodingSpec) -> dict:
         return {"temperature": decoding.temperature, "top_p": decoding.top_p, "max_tokens": decoding.max_tokens,
-                "n": decoding.n, "seed": decoding.seed, "stop": list(decoding.stop), "stop_token_ids": self.eos_ids}
+                "n": decoding.n, "seed": decoding.seed, "stop": list(decoding.stop), "stop_token_ids": self.eos_ids,
+                "repetition_detection": rep.model_dump() if (rep := decoding.repetition_detection) else None}
 
     def generate_groups(self, groups: list[tuple[list[list[int]], DecodingSpec]]) -> list[list[list[dict]]]:
         """Every (prompt ids, decoding) group in ONE worker process and ONE ``LLM.generate`` call.
@@ -352,7 +362,7 @@ class VLLMBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="mast-vllm-") as tmp:
             inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
             inp.write_text(json.dumps(job), encoding="utf-8")
-            env = dict(os.environ)  # the worker must import this very `mast` (also from a Ray worker)
+            env = {**self.env_defaults, **os.environ}  # the worker must import this very `mast` (also from Ray)
             pkg_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
             rc = run_with_timeout([sys.executable, "-m", "mast.vllm_worker", str(inp), str(outp)], self.timeout_s,
