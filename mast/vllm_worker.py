@@ -140,7 +140,6 @@ def model_max_len(model_dir: str) -> int | None:
 def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams  # lazy: only vLLM installs have it
     from vllm.platforms import current_platform
-    from vllm.sampling_params import RepetitionDetectionParams
 
     llm_kw = {k: v for k, v in job["llm"].items() if v is not None}
     groups = _groups(job)
@@ -150,7 +149,9 @@ def run(job: dict) -> dict:
     prompts, params, ns, sizes = [], [], [], []
     for g in groups:
         kw = sampling_kwargs(g["sampling"])
-        if "repetition_detection" in kw:
+        if "repetition_detection" in kw:  # imported only when asked for: older vLLMs lack it
+            from vllm.sampling_params import RepetitionDetectionParams
+
             kw["repetition_detection"] = RepetitionDetectionParams(**kw["repetition_detection"])
         sp = SamplingParams(**kw)
         ids = g["prompt_token_ids"]
