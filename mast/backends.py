@@ -228,6 +228,8 @@ class HFBackend(Backend):
     def _generation_config(self, decoding: DecodingSpec):
         from transformers import GenerationConfig
 
+        if decoding.repetition_detection is not None:
+            raise InputError("decoding.repetition_detection: only the vllm backend has it")
         sample = not decoding.greedy
         return GenerationConfig(
             max_new_tokens=decoding.max_tokens,
@@ -305,6 +307,11 @@ class HFBackend(Backend):
                 torch.cuda.empty_cache()
 
 
+# vLLM's CPU build reserves VLLM_CPU_KVCACHE_SPACE GiB of KV cache per engine (its default, 19 GiB,
+# costs over a minute of start-up and two engines exceed a 24 GiB machine); the GPU build ignores it
+VLLM_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
 class VLLMBackend(Backend):
     """vLLM generation in its own process (``python -m mast.vllm_worker IN OUT``).
 
@@ -338,6 +345,8 @@ class VLLMBackend(Backend):
         }
         self.timeout_s = timeout_s
         self.progress = progress
+        # the worker's environment defaults; the caller's own environment wins (docs/vllm.md)
+        self.env_defaults = dict(VLLM_ENV_DEFAULTS)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[list[dict]]]:
         """Every request in ONE worker process and ONE ``LLM.generate`` call.
@@ -361,7 +370,7 @@ class VLLMBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="mast-vllm-") as tmp:
             inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
             inp.write_text(json.dumps(job), encoding="utf-8")
-            env = dict(os.environ)  # the worker must import this very `mast` (also from a Ray worker)
+            env = {**self.env_defaults, **os.environ}  # the worker must import this very `mast` (also from Ray)
             pkg_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
             rc = run_with_timeout([sys.executable, "-m", "mast.vllm_worker", str(inp), str(outp)], self.timeout_s,
@@ -399,6 +408,7 @@ def vllm_sampling_kwargs(decoding: DecodingSpec, stop_token_ids: list[int]) -> d
         "stop": list(decoding.stop) or None,
         "stop_token_ids": list(stop_token_ids) or None,
         "skip_special_tokens": True,
+        **({"repetition_detection": rep.model_dump()} if (rep := decoding.repetition_detection) else {}),
     }
 
 

@@ -51,8 +51,28 @@ class Spec(BaseModel):
 # --------------------------------------------------------------------------- evaluation
 
 
+class RepetitionSpec(Spec):
+    """vLLM's n-gram repetition detection (``SamplingParams.repetition_detection``, vLLM >= 0.32):
+    a sample whose last tokens repeat an n-gram of ``min_pattern_size``..``max_pattern_size``
+    tokens ``min_count`` times ends early, finish_reason "repetition", recorded as truncated."""
+
+    max_pattern_size: int = Field(gt=0)
+    min_pattern_size: int = Field(0, ge=0, description="0: 1")
+    min_count: int = Field(ge=2)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> RepetitionSpec:
+        if self.min_pattern_size > self.max_pattern_size:
+            raise ValueError(f"min_pattern_size {self.min_pattern_size} > max_pattern_size {self.max_pattern_size}")
+        return self
+
+
 class DecodingSpec(Spec):
-    """Decoding settings shared by the vLLM and transformers backends. Default: greedy."""
+    """Decoding settings shared by the vLLM and transformers backends. Default: greedy.
+
+    ``repetition_detection`` is vLLM-only (the hf backend refuses it); set it in a sweep's
+    ``evaluation.decoding`` so every suite of every run decodes alike.
+    """
 
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -60,6 +80,15 @@ class DecodingSpec(Spec):
     n: int = Field(1, gt=0)
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
+    repetition_detection: RepetitionSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_repetition(self, handler):
+        # without it the dump (the eval cache key, every spec hash) is the same as before the field existed
+        d = handler(self)
+        if isinstance(d, dict) and d.get("repetition_detection", 0) is None:
+            d.pop("repetition_detection")
+        return d
 
     @property
     def greedy(self) -> bool:

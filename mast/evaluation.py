@@ -186,12 +186,20 @@ def _prompts_code_sha() -> str:  # noqa: N802  (a memoised constant)
 _PROMPTS_SHA: str | None = None
 
 
+def _unusual_finish(sample: dict) -> dict:
+    """``{"finish_reason": ...}`` for a sample that ended other than "stop"/"length" (vLLM's
+    "repetition"), else nothing: records of ordinary runs keep their keys."""
+    reason = sample.get("finish_reason")
+    return {} if reason in (None, "stop", "length") else {"finish_reason": reason}
+
+
 def build_records(problems: list[dict], prompts: list[str], prompt_ids: list[list[int]],
                   samples: list[list[dict]], graded: list[dict], n: int) -> list[dict]:
     """Per-problem records from the samples and their grades (``graded``: problem-major, n per problem).
 
     Always: ``id, correct, response, extracted, prompt_sha, prompt_tokens, response_tokens,
-    truncated`` of the FIRST sample (the McNemar view; n = 1: the record). With n > 1 also
+    truncated`` of the FIRST sample (the McNemar view; n = 1: the record), and ``finish_reason``
+    where it is unusual (:func:`_unusual_finish`). With n > 1 also
     ``samples: [{response, extracted, correct, truncated, n_tokens}]`` (all n) and
     ``accuracy`` = mean correctness over the samples (the problem's score in avg@n).
     """
@@ -207,11 +215,12 @@ def build_records(problems: list[dict], prompts: list[str], prompt_ids: list[lis
             "prompt_tokens": len(ids),
             "response_tokens": smp[0]["n_tokens"],
             "truncated": smp[0].get("truncated"),
+            **_unusual_finish(smp[0]),
         }
         if n > 1:
             rec["samples"] = [{"response": gj["response"], "extracted": gj.get("extracted"),
                                "correct": bool(gj["correct"]), "truncated": sj.get("truncated"),
-                               "n_tokens": sj["n_tokens"]} for gj, sj in zip(g, smp)]
+                               "n_tokens": sj["n_tokens"], **_unusual_finish(sj)} for gj, sj in zip(g, smp)]
             rec["accuracy"] = sum(x["correct"] for x in rec["samples"]) / n
         records.append(rec)
     return records

