@@ -6,16 +6,17 @@ Flow (docs/architecture.md, "One trial, as data flows")::
          ─► grid.expand_grid (cartesian product, meaningless points dropped, deterministic ids,
             each point validated into typed selection / unlearning specs)
          ─► prepare.prepare once, on the driver (or one GPU task), cached in <sweep>/prepared:
-              models (toy build or the given reference/target), splits, the TARGET's baseline
-              results on every suite (one evaluation per suite, whatever the trial count),
-              spectral statistics -> a typed Prepared
+              sources (toy build or the given reference/target, splits), suites, baselines (the
+              TARGET's results on every suite: one evaluation per suite, whatever the trial
+              count; the reference's; spectral statistics) -> a typed Prepared
          ─► Ray Tune, one function-trainable trial per grid point (trial.run_trial, with a typed
             TrialContext): select ─► unlearn ─► evaluate every suite ─► McNemar vs the cached
             baseline ─► tune.report + an MLflow child run
          ─► trials.jsonl, seed_table.json (seeds.seed_level_table, Holm over the sweep),
             MLflow parent run artifacts, report
 
-Where each file lives: mast.layout.SweepDir. Resume: ``--resume`` restores the Tune experiment
+Where each file lives: mast.layout.SweepDir; sweep.json is the :class:`SweepState`, written by
+its ``record`` alone. :func:`run_sweep` reads as its steps, top to bottom. Resume: ``--resume`` restores the Tune experiment
 (``Tuner.restore(..., resume_errored=True)``); trials whose ``result.json`` says ok return their
 recorded metrics at once, and MLflow runs are found by tag, so a resumed sweep has exactly one
 child run per trial.
