@@ -34,6 +34,10 @@ from mast.registry import (
 )
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# sampling seeds of a suite's runs (they matter only with temperature > 0), offsets to its decoding.seed s:
+# a second, independent run of the same model (s + 1), and a trial of seed k (s + 100 + k)
+INDEPENDENT_SEED_OFFSET = 1
+TRIAL_SEED_OFFSET = 100
 
 
 RuleName = Literal[RULE_NAMES]  # type: ignore[valid-type]
@@ -150,6 +154,17 @@ class SuiteSpec(Spec):
         if self.probe == "prefix_recovery":
             self.probe = ProbeSpec()
         return self
+
+    def independent_run(self, offset: int = INDEPENDENT_SEED_OFFSET) -> SuiteSpec:
+        """The suite with another sampling seed (decoding.seed + offset): a run of the same model whose
+        sampling noise is independent of the first (identical under greedy decoding)."""
+        decoding = self.decoding.model_copy(update={"seed": self.decoding.seed + offset})
+        return self.model_copy(update={"decoding": decoding})
+
+    def trial_run(self, trial_seed: int) -> SuiteSpec:
+        """How a trial of seed `trial_seed` evaluates this suite: sampling seed s + TRIAL_SEED_OFFSET + seed,
+        independent of the baseline's run (s) and of require_target_correct's second run (s + 1)."""
+        return self.independent_run(TRIAL_SEED_OFFSET + int(trial_seed))
 
 
 # --------------------------------------------------------------------------- method
@@ -338,6 +353,23 @@ class EvaluationSpec(Spec):
     # matched forgetting along an lr/steps axis: the forget_val accuracy level to match (None: the
     # strongest forgetting that every rule's curve reaches on validation)
     matched_level: float | None = Field(None, ge=0.0, le=1.0)
+
+    def backend_options(self) -> dict:
+        """Keyword options of the evaluation backend: vLLM's engine settings (memory, parallelism,
+        ``dtype``, ``enforce_eager``) and the worker's ``timeout_s``; none for the hf backend."""
+        if self.backend != "vllm":
+            return {}
+        opts = {"tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "dtype": self.dtype,
+                "enforce_eager": self.enforce_eager, "timeout_s": self.timeout_s}
+        if self.max_model_len:
+            opts["max_model_len"] = self.max_model_len
+        return opts
+
+    def limited(self, problems: list[dict], name: str) -> list[dict]:
+        """The first ``limits[name]`` problems of suite `name` (all without a limit)."""
+        n = self.limits.get(name)
+        return problems[:n] if n else problems
 
     @field_validator("limits")
     @classmethod

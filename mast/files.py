@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,16 @@ from typing import Any
 
 class InputError(Exception):
     """Bad user input. The CLI prints the message (one line) and exits with status 2."""
+
+
+def now() -> str:
+    """The local time as the manifests record it (sweep.json, prepared.json, a trial's error.json)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def log(msg: str) -> None:
+    """One progress line of a sweep on stderr (flushed: Ray workers and the driver interleave)."""
+    print(f"[mast sweep] {msg}", file=sys.stderr, flush=True)
 
 
 def read_text(path: str | os.PathLike) -> str:

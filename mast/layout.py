@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# the repository (or installed package) root: the shipped ``eval/`` suites, ``git describe``
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "sweep.json"
 SPEC = "spec.yaml"
 TRIALS = "trials.jsonl"

@@ -1,21 +1,22 @@
 """`mast sweep SPEC`: a grid of MAST trials under Ray Tune, tracked in MLflow, resumable (the driver).
 
-Flow (ARCHITECTURE.md, "One trial, as data flows")::
+Flow (docs/architecture.md, "One trial, as data flows")::
 
     spec (config.load_yaml: validated once)
          ─► grid.expand_grid (cartesian product, meaningless points dropped, deterministic ids,
             each point validated into typed selection / unlearning specs)
          ─► prepare.prepare once, on the driver (or one GPU task), cached in <sweep>/prepared:
-              models (toy build or the given reference/target), splits, the TARGET's baseline
-              results on every suite (one evaluation per suite, whatever the trial count),
-              spectral statistics -> a typed Prepared
+              sources (toy build or the given reference/target, splits), suites, baselines (the
+              TARGET's results on every suite: one evaluation per suite, whatever the trial
+              count; the reference's; spectral statistics) -> a typed Prepared
          ─► Ray Tune, one function-trainable trial per grid point (trial.run_trial, with a typed
             TrialContext): select ─► unlearn ─► evaluate every suite ─► McNemar vs the cached
             baseline ─► tune.report + an MLflow child run
          ─► trials.jsonl, seed_table.json (seeds.seed_level_table, Holm over the sweep),
             MLflow parent run artifacts, report
 
-Where each file lives: mast.layout.SweepDir. Resume: ``--resume`` restores the Tune experiment
+Where each file lives: mast.layout.SweepDir; sweep.json is the :class:`SweepState`, written by
+its ``record`` alone. :func:`run_sweep` reads as its steps, top to bottom. Resume: ``--resume`` restores the Tune experiment
 (``Tuner.restore(..., resume_errored=True)``); trials whose ``result.json`` says ok return their
 recorded metrics at once, and MLflow runs are found by tag, so a resumed sweep has exactly one
 child run per trial.
@@ -23,6 +24,7 @@ child run per trial.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,15 +35,15 @@ import uuid
 from pathlib import Path
 
 from mast.config import SweepSpec, load_yaml
-from mast.files import InputError, read_json, write_json, write_jsonl
-from mast.grid import Grid, check_spec, expand_grid, spec_hash, trial_params
-from mast.layout import SweepDir
-from mast.prepare import REPO_ROOT, Prepared, check_inputs, now, prepare
-from mast.trial import TrialContext, TrialRow, log_trial_to_mlflow, read_row, run_trial
-
-
-def _log(msg: str) -> None:
-    print(f"[mast sweep] {msg}", file=sys.stderr, flush=True)
+from mast.files import InputError, log, now, read_json, write_json, write_jsonl
+from mast.grid import Grid, check_spec, expand_grid, spec_hash
+from mast.layout import REPO_ROOT, SweepDir
+from mast.prepare import Prepared, check_inputs, prepare
+from mast.report import build_report
+from mast.resources import check_local_gpus, local_gpu_count
+from mast.seeds import seed_level_table
+from mast.tracking import Tracker, init_experiment, log_sweep_parent, resolve_uri
+from mast.trial import TrialContext, TrialRow, log_trial_to_mlflow, open_trial_run, read_row, run_trial
 
 
 def sweep_dir_for(spec: SweepSpec, out: str | os.PathLike | None) -> SweepDir:
@@ -90,8 +92,6 @@ def check_resources(spec: SweepSpec) -> None:
     """
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
-    from mast.resources import check_local_gpus, local_gpu_count
-
     addr = os.environ.get("RAY_ADDRESS")
     local = {} if addr and addr != "local" else {
         "GPU": local_gpu_count(), "CPU": int(os.environ.get("MAST_RAY_NUM_CPUS", os.cpu_count() or 1))}
@@ -155,7 +155,7 @@ def run_tune(spec: SweepSpec, grid: Grid, ctx: TrialContext, storage: str, resum
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _trial_resources(spec))
     exp_path = storage.rstrip("/") + "/" + spec.name
     if resume and tune.Tuner.can_restore(exp_path):
-        _log(f"resuming the Tune experiment at {exp_path}")
+        log(f"resuming the Tune experiment at {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         # the point names the trial (its validated specs travel in ctx); config shows in Tune's table
@@ -206,37 +206,33 @@ def _tune_errors(results) -> dict[str, str]:
     return out
 
 
-def reconcile_mlflow(tracker, parent_run_id: str, rows: list[TrialRow], grid: Grid, sd: SweepDir,
+def reconcile_mlflow(tracker: Tracker, parent_run_id: str, rows: list[TrialRow], grid: Grid, sd: SweepDir,
                      baseline: dict) -> None:
     """Every trial ends with exactly one child run: FINISHED if ok, FAILED if not."""
     run_ids = tracker.trial_run_ids()
     trials = grid.by_id()
     for row in rows:
-        params = trial_params(trials[row.trial_id])
         if row.status == "ok":
             run_id = row.mlflow_run_id or run_ids.get(row.trial_id)
             if run_id is None:
-                run_id = tracker.trial_run(parent_run_id, row.trial_id, params)
+                run_id = open_trial_run(tracker, parent_run_id, trials[row.trial_id])
             if tracker.run_status(run_id) != "FINISHED":
                 log_trial_to_mlflow(tracker, run_id, row, sd.trial(row.trial_id), baseline)
         else:
-            run_id = run_ids.get(row.trial_id) or tracker.trial_run(parent_run_id, row.trial_id, params)
+            run_id = run_ids.get(row.trial_id) or open_trial_run(tracker, parent_run_id, trials[row.trial_id])
             row.mlflow_run_id = run_id
             if tracker.run_status(run_id) != "FAILED":
                 tracker.fail_trial(run_id, row.error or "failed")
 
 
 def build_report_if_available(sd: SweepDir) -> str | None:
-    try:
-        from mast.report import build_report
-    except ImportError:
-        return "mast.report.build_report is not available in this build"
+    """Build the sweep's report; the error (one line) when it fails, None when it was built."""
     try:
         path = build_report(sd.root, sd.report)
-        _log(f"report: {path}")
+        log(f"report: {path}")
         return None
     except Exception as e:  # the sweep's results stand without the report; `mast report` can retry
-        _log(f"report failed ({type(e).__name__}: {e}); run `mast report {sd.root}` to retry")
+        log(f"report failed ({type(e).__name__}: {e}); run `mast report {sd.root}` to retry")
         return f"{type(e).__name__}: {e}"
 
 
@@ -256,7 +252,38 @@ def headline(rows: list[dict], suites: list[str]) -> str:
 # --------------------------------------------------------------------------- the whole sweep
 
 
-def _start(spec: SweepSpec, spec_path: Path, sd: SweepDir, grid: Grid, resume: bool) -> dict:
+@dataclasses.dataclass
+class SweepState:
+    """The sweep's manifest (sweep.json) in memory; :meth:`record` is the one writer of the file.
+
+    It is written at each step a resume or a reader relies on: started (spec hash, ids, grid
+    counts), tracking (MLflow ids), prepared (baseline evaluation counts, the SFT floor),
+    finished (trial counts), and a report error.
+    """
+
+    path: Path
+    fields: dict
+
+    def record(self, **changes) -> None:
+        """Apply `changes` and write sweep.json (atomically)."""
+        self.fields.update(changes)
+        write_json(self.path, self.fields)
+
+    def __getitem__(self, key: str):
+        return self.fields[key]
+
+
+def check_sweep_inputs(spec: SweepSpec, spec_path: Path, sd: SweepDir) -> None:
+    """Every input checked before the sweep folder, spec.yaml, sweep.json, mlflow.db or the MLflow
+    parent run exist: a refused sweep leaves nothing behind."""
+    try:
+        check_resources(spec)
+        check_inputs(spec, spec_path.parent.resolve(), sd)
+    except InputError as e:
+        raise InputError(f"{spec_path}: {e}") from None
+
+
+def start_state(spec: SweepSpec, spec_path: Path, sd: SweepDir, grid: Grid, resume: bool) -> SweepState:
     """Check the folder against --resume, write sweep.json (and spec.yaml for a new sweep)."""
     h = spec_hash(spec)
     if resume:
@@ -267,23 +294,38 @@ def _start(spec: SweepSpec, spec_path: Path, sd: SweepDir, grid: Grid, resume: b
             raise InputError(f"{spec_path}: spec changed since the sweep at {sd.root} started "
                              f"(hash {meta.get('spec_hash')} -> {h}); start a new sweep (another name or --out)")
         meta.pop("finished", None)
-        _log(f"resuming {sd.root}")
+        log(f"resuming {sd.root}")
     else:
         if sd.exists():
             raise InputError(f"{sd.root}: already exists; use --resume to continue it (or pick another --out)")
         meta = {"name": spec.name, "spec_hash": h, "sweep_id": uuid.uuid4().hex[:12], "started": now(),
                 "baseline_evaluations": {}}
-    _log(grid.summary())
+    log(grid.summary())
     for why in sorted(set(grid.dropped)):
-        _log(f"  dropped {grid.dropped.count(why)} x {why}")
+        log(f"  dropped {grid.dropped.count(why)} x {why}")
     sd.root.mkdir(parents=True, exist_ok=True)
     if not resume:
         shutil.copyfile(spec_path, sd.spec)
-    meta.update({"code_version": code_version(), "n_trials": len(grid.trials), "n_grid_points": grid.n_points,
-                 "n_dropped": len(grid.dropped), "data_dir": spec.data.data_dir,
-                 "trial_ids": [t.trial_id for t in grid.trials]})
-    write_json(sd.manifest, meta)
-    return meta
+    state = SweepState(sd.manifest, meta)
+    state.record(code_version=code_version(), n_trials=len(grid.trials), n_grid_points=grid.n_points,
+                 n_dropped=len(grid.dropped), data_dir=spec.data.data_dir,
+                 trial_ids=[t.trial_id for t in grid.trials])
+    return state
+
+
+def start_tracking(spec: SweepSpec, sd: SweepDir, state: SweepState) -> tuple[Tracker, str]:
+    """The store, the experiment and the parent run exist before any trial starts; returns
+    (tracker, parent run id)."""
+    uri = resolve_uri(spec.tracking.uri, sd.root)
+    experiment = spec.tracking.experiment or spec.name
+    exp_id = init_experiment(uri, experiment, sd.root)
+    tracker = Tracker(uri, exp_id, state["sweep_id"])
+    parent = tracker.parent_run(spec.name, {"spec_hash": state["spec_hash"], "n_trials": state["n_trials"],
+                                            "grid": json.dumps(spec.grid), "sweep_dir": str(sd.root),
+                                            "code_version": state["code_version"]})
+    state.record(tracking_uri=uri, experiment=experiment, experiment_id=exp_id, parent_run_id=parent)
+    tracker.log_artifact(parent, sd.spec)
+    return tracker, parent
 
 
 def _prepare(spec: SweepSpec, sd: SweepDir, spec_dir: Path) -> Prepared:
@@ -297,65 +339,50 @@ def _prepare(spec: SweepSpec, sd: SweepDir, spec_dir: Path) -> Prepared:
     return ray.get(task(prepare).remote(spec, sd, spec.data.data_dir, spec_dir))
 
 
-def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None, resume: bool = False,
-              data_dir: str | os.PathLike | None = None) -> dict:
-    """Run (or resume) a sweep; returns the final sweep.json. Raises InputError on bad input."""
-    spec_path = Path(spec_path)
-    spec = load_spec(spec_path, data_dir)
-    # every input is checked before the sweep folder, spec.yaml, sweep.json, mlflow.db or the
-    # MLflow parent run exist: a refused sweep leaves nothing behind
-    sd = sweep_dir_for(spec, out)
-    try:
-        check_resources(spec)
-        check_inputs(spec, spec_path.parent.resolve(), sd)
-    except InputError as e:
-        raise InputError(f"{spec_path}: {e}") from None
-    grid = expand_grid(spec, str(spec_path))
-    meta = _start(spec, spec_path, sd, grid, resume)
+def record_prepared(state: SweepState, prepared: Prepared) -> None:
+    """The baseline evaluations run so far (summed over resumes), the prepared key and the SFT floor
+    (the report reads it from here, or from the trials)."""
+    counts = dict(state.fields.get("baseline_evaluations") or {})
+    for n, k in prepared.evaluations.items():
+        counts[n] = counts.get(n, 0) + k
+    state.record(baseline_evaluations=counts, prepared_key=prepared.key, sft_floor=prepared.rl_gain)
+    log(f"baseline evaluations of the target: {counts}; reference (SFT) accuracy: "
+        + ", ".join(f"{n} {a:.3f}" for n, a in prepared.reference_accuracy.items()))
 
-    # tracking: the store and the experiment exist before any trial starts
-    from mast.tracking import Tracker, init_experiment, resolve_uri
 
-    uri = resolve_uri(spec.tracking.uri, sd.root)
-    experiment = spec.tracking.experiment or spec.name
-    exp_id = init_experiment(uri, experiment, sd.root)
-    tracker = Tracker(uri, exp_id, meta["sweep_id"])
-    parent = tracker.parent_run(spec.name, {"spec_hash": meta["spec_hash"], "n_trials": len(grid.trials),
-                                            "grid": json.dumps(spec.grid), "sweep_dir": str(sd.root),
-                                            "code_version": meta["code_version"]})
-    meta.update({"tracking_uri": uri, "experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent})
-    write_json(sd.manifest, meta)
-    tracker.log_artifact(parent, sd.spec)
+class RaySession:
+    """Ray for one sweep: connected or started on the first :meth:`need`, shut down at the end
+    when this sweep started it."""
 
-    started_ray = False
-    try:
-        if spec.resources.gpu > 0:
-            started_ray = _ray_init(spec)
-        prepared = _prepare(spec, sd, spec_path.parent.resolve())
-        counts = dict(meta.get("baseline_evaluations") or {})
-        for n, k in prepared.evaluations.items():
-            counts[n] = counts.get(n, 0) + k
-        meta["baseline_evaluations"] = counts
-        meta["prepared_key"] = prepared.key
-        meta["sft_floor"] = prepared.rl_gain  # the report reads the SFT floor from here (or the trials)
-        write_json(sd.manifest, meta)
-        _log(f"baseline evaluations of the target: {counts}; reference (SFT) accuracy: "
-             + ", ".join(f"{n} {a:.3f}" for n, a in prepared.reference_accuracy.items()))
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec, self.started = spec, False
 
-        ctx = TrialContext.build(spec, sd, prepared, grid.trials, tracker, parent)
-        started_ray = _ray_init(spec) or started_ray
-        t0 = time.time()
-        results = run_tune(spec, grid, ctx, spec.storage_path or str(sd.tune), resume)
-        _log(f"trials done in {time.time() - t0:.0f}s")
-        rows = collect_rows(grid, sd, _tune_errors(results))
-    finally:
-        if started_ray:
+    def need(self) -> None:
+        self.started = _ray_init(self.spec) or self.started
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
             import ray
 
             ray.shutdown()
 
-    # after the trials: rows, seed-level table, MLflow reconciliation, report, parent run
-    reconcile_mlflow(tracker, parent, rows, grid, sd, ctx.baseline)
+
+def run_trials(spec: SweepSpec, grid: Grid, ctx: TrialContext, sd: SweepDir, resume: bool) -> list[TrialRow]:
+    """Every trial under Ray Tune; one row per grid trial."""
+    t0 = time.time()
+    results = run_tune(spec, grid, ctx, spec.storage_path or str(sd.tune), resume)
+    log(f"trials done in {time.time() - t0:.0f}s")
+    return collect_rows(grid, sd, _tune_errors(results))
+
+
+def record_trials(spec: SweepSpec, sd: SweepDir, grid: Grid, rows: list[TrialRow], tracker: Tracker, parent: str,
+                  baseline: dict) -> tuple[list[dict], dict | None]:
+    """One MLflow run per trial, failed rows' result.json, trials.jsonl and the seed-level table
+    (None when no trial succeeded); returns (the rows as dicts, the table)."""
+    reconcile_mlflow(tracker, parent, rows, grid, sd, baseline)
     for row in rows:
         if row.status != "ok":
             write_json(sd.trial(row.trial_id).result, row.to_dict())
@@ -363,28 +390,50 @@ def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None
     write_jsonl(sd.trials_jsonl, dicts)
     table = None
     if any(r.status == "ok" for r in rows):
-        from mast.seeds import seed_level_table
-
         table = seed_level_table(dicts, suite=None, confidence=spec.evaluation.confidence)
         write_json(sd.seed_table, table)
+    return dicts, table
+
+
+def record_finished(state: SweepState, sd: SweepDir, rows: list[TrialRow]) -> int:
+    """The trial counts in sweep.json, then the report (its error recorded); returns how many trials are ok."""
     n_ok = sum(r.status == "ok" for r in rows)
     not_run = [r.trial_id for r in rows if r.error == "did not run"]
     if not_run:
-        _log(f"{len(not_run)} trial(s) did not run (interrupted?): run the same command with --resume")
-    meta.update({"finished": now(), "n_ok": n_ok, "n_failed": len(rows) - n_ok, "n_not_run": len(not_run)})
-    write_json(sd.manifest, meta)
+        log(f"{len(not_run)} trial(s) did not run (interrupted?): run the same command with --resume")
+    state.record(finished=now(), n_ok=n_ok, n_failed=len(rows) - n_ok, n_not_run=len(not_run))
     report_error = build_report_if_available(sd)
     if report_error:
-        meta["report_error"] = report_error
-        write_json(sd.manifest, meta)
-    from mast.tracking import log_sweep_parent
+        state.record(report_error=report_error)
+    return n_ok
 
+
+def run_sweep(spec_path: str | os.PathLike, out: str | os.PathLike | None = None, resume: bool = False,
+              data_dir: str | os.PathLike | None = None) -> dict:
+    """Run (or resume) a sweep; returns the final sweep.json. Raises InputError on bad input."""
+    spec_path = Path(spec_path)
+    spec = load_spec(spec_path, data_dir)
+    sd = sweep_dir_for(spec, out)
+    check_sweep_inputs(spec, spec_path, sd)
+    grid = expand_grid(spec, str(spec_path))
+    state = start_state(spec, spec_path, sd, grid, resume)
+    tracker, parent = start_tracking(spec, sd, state)
+    with RaySession(spec) as ray_session:
+        if spec.resources.gpu > 0:
+            ray_session.need()  # prepare runs as a GPU task
+        prepared = _prepare(spec, sd, spec_path.parent.resolve())
+        record_prepared(state, prepared)
+        ctx = TrialContext.build(spec, sd, prepared, grid.trials, tracker, parent)
+        ray_session.need()
+        rows = run_trials(spec, grid, ctx, sd, resume)
+    dicts, table = record_trials(spec, sd, grid, rows, tracker, parent, ctx.baseline)
+    n_ok = record_finished(state, sd, rows)
     log_sweep_parent(tracker, parent, sd, dicts, table, prepared.baseline_accuracy, prepared.rl_gain)
     tracker.finish(parent, "FINISHED" if n_ok else "FAILED")
     print(headline(dicts, list(prepared.suites)))
-    print(f"{n_ok}/{len(rows)} trials ok -> {sd.root}/trials.jsonl, seed_table.json; MLflow: {uri} "
-          f"(experiment {experiment!r}, parent run {parent})")
-    return meta
+    print(f"{n_ok}/{len(rows)} trials ok -> {sd.root}/trials.jsonl, seed_table.json; MLflow: {state['tracking_uri']} "
+          f"(experiment {state['experiment']!r}, parent run {parent})")
+    return state.fields
 
 
 def cli_sweep(args) -> int:

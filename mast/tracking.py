@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mast.files import InputError, read_json, read_jsonl, write_json
+from mast.floor import noise_floor
 from mast.layout import PARENT_ARTIFACTS, SweepDir, TrialDir
 
 TAG_SWEEP = "mast.sweep_id"
@@ -291,8 +292,6 @@ def log_sweep_parent(tracker: Tracker, parent_run_id: str, sweep_dir: SweepDir, 
     """Parent run: spec, split ids, baselines, trials table, seed-level significance, Holm, report;
     the SFT floor (``reference/{suite}/accuracy``, ``rl_gain/{suite}/delta|mcnemar_p``) and the noise
     floor of the null trials (``noise_floor/{suite}/flip_rate|mcnemar_p``, ``noise_floor.json``)."""
-    from mast.floor import noise_floor
-
     c, sd = tracker.client, sweep_dir
     ts = int(time.time() * 1000)
     floor = {}

@@ -26,13 +26,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from mast.backends import make_backend
 from mast.config import SuiteSpec
-from mast.files import read_json, read_jsonl, write_json, write_jsonl
+from mast.evaluation import evaluate, truncated_rate
+from mast.files import now, read_json, read_jsonl, write_json, write_jsonl
 from mast.floor import sft_floor_entry
 from mast.grid import Trial, trial_params
 from mast.layout import SweepDir, TrialDir
-from mast.prepare import Prepared, backend_options, now, trial_run
+from mast.prepare import Prepared
 from mast.registry import RULE_FACTS
+from mast.resources import require_cuda
+from mast.selection import select
+from mast.stats import mcnemar_test, paired_sample_tests
+from mast.stopping import decide, make_check
+from mast.tracking import trial_metrics
+from mast.unlearn import unlearn
 
 
 @dataclasses.dataclass
@@ -89,7 +97,7 @@ class TrialContext:
             rl_gain=dict(prepared.rl_gain),
             selection_cache=prepared.selection_cache, backend=spec.evaluation.backend,
             batch_size=spec.evaluation.batch_size, n_bootstrap=spec.evaluation.n_bootstrap,
-            confidence=spec.evaluation.confidence, backend_options=backend_options(spec),
+            confidence=spec.evaluation.confidence, backend_options=spec.evaluation.backend_options(),
             keep_checkpoints=spec.keep_checkpoints, report_each_suite=spec.scheduler.kind == "asha",
             gpu=spec.resources.gpu, validation=dict(prepared.validation),
             validation_problems={n: read_jsonl(sd.suite_problems(n)) for n in prepared.validation},
@@ -182,10 +190,14 @@ def log_trial_to_mlflow(tracker, run_id: str, row: TrialRow, td: TrialDir, basel
     tracker.log_trial(run_id, row.to_dict(), td, losses, trial_tables(td, baseline), timestamp=ts)
 
 
+def open_trial_run(tracker, parent_run_id: str, trial: Trial) -> str:
+    """The trial's MLflow child run, found or created, with its params (:func:`mast.grid.trial_params`):
+    the one place a trial's MLflow identity is written, by the trial and by the driver's reconciliation."""
+    return tracker.trial_run(parent_run_id, trial.trial_id, trial_params(trial))
+
+
 def report_metrics(row: TrialRow, cached: bool = False) -> dict:
     """What a trial reports to Tune: the flat per-suite metrics plus its id."""
-    from mast.tracking import trial_metrics
-
     return {**trial_metrics(row.to_dict()), "mast_trial_id": row.trial_id, "cached": cached,
             "n_suites": len(row.suites or {})}
 
@@ -201,8 +213,6 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """
     from ray import tune
 
-    from mast.resources import require_cuda
-
     trial = ctx.trials[config["point"]["trial_id"]]
     td = ctx.sweep.trial(trial.trial_id)
     tracker = ctx.tracker
@@ -215,7 +225,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         return
     require_cuda(ctx.gpu)  # a GPU trial on a node whose torch cannot see CUDA fails loudly, never on the CPU
     td.root.mkdir(parents=True, exist_ok=True)
-    run_id = tracker.trial_run(ctx.parent_run_id, trial.trial_id, trial_params(trial))
+    run_id = open_trial_run(tracker, ctx.parent_run_id, trial)
     try:
         _run_trial_body(trial, ctx, td, run_id, tune.report)
     except BaseException as e:
@@ -232,9 +242,6 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
 def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, report) -> None:
     import torch
-
-    from mast.selection import select
-    from mast.unlearn import unlearn
 
     t_start = time.time()
     forget = ctx.forget_generated if trial.unlearning.texts == "generated" else ctx.forget_texts
@@ -262,8 +269,6 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
             write_jsonl(td.losses, res.losses)
             row.steps_run = res.steps_run
             if trial.unlearning.stop is not None:
-                from mast.stopping import decide
-
                 d = decide(trial.unlearning.stop, res.stop_history)
                 row.stop_reached, row.stop_threshold, row.stop_history = d.reached, d.threshold, res.stop_history
                 row.stop_metric = trial.unlearning.stop.metric
@@ -288,8 +293,6 @@ def stop_check(trial: Trial, ctx: TrialContext):
     stop = trial.unlearning.stop
     if stop is None:
         return None
-    from mast.stopping import make_check
-
     if ctx.stop_suite is None or not ctx.stop_problems:
         raise RuntimeError("unlearning.stop is set but the sweep prepared no stop problems")
     return make_check(stop, ctx.target, ctx.stop_problems, suite=ctx.stop_suite, template=ctx.template,
@@ -299,10 +302,8 @@ def stop_check(trial: Trial, ctx: TrialContext):
 def evaluate_validation(backend, model_dir, ctx: TrialContext, row: TrialRow, td: TrialDir, seed: int) -> None:
     """Accuracy on each validation suite (records in results/<name>.jsonl): the input of choices
     (the matched level on an lr/steps axis), never a reported result."""
-    from mast.evaluation import evaluate
-
     for name, suite in ctx.validation.items():
-        ev = evaluate(model_dir, trial_run(suite, seed), backend=backend, problems=ctx.validation_problems[name],
+        ev = evaluate(model_dir, suite.trial_run(seed), backend=backend, problems=ctx.validation_problems[name],
                       use_cache=False, progress=False)
         write_jsonl(td.results(name), ev.records)
         before = ctx.validation_baseline.get(name) or []
@@ -314,16 +315,12 @@ def evaluate_validation(backend, model_dir, ctx: TrialContext, row: TrialRow, td
 def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row: TrialRow, t_start: float,
                     report, seed: int = 0) -> None:
     """3. evaluate every suite on `model_dir` (fresh backend, evaluation cache bypassed, the trial's own
-    sampling seed: prepare.trial_run), 4. paired tests vs the cached baseline and the SFT floor, into
+    sampling seed: SuiteSpec.trial_run), 4. paired tests vs the cached baseline and the SFT floor, into
     `row` (per-problem results in `td`)."""
-    from mast.backends import make_backend
-    from mast.evaluation import evaluate, truncated_rate
-    from mast.stats import mcnemar_test, paired_sample_tests
-
     backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
     try:
         for i, (name, suite) in enumerate(ctx.suites.items()):
-            ev = evaluate(model_dir, trial_run(suite, seed), backend=backend, problems=ctx.problems[name],
+            ev = evaluate(model_dir, suite.trial_run(seed), backend=backend, problems=ctx.problems[name],
                           use_cache=False, progress=False)
             assert not ev.cache_hit, "a trial's evaluation never reads the evaluation cache"
             write_jsonl(td.results(name), ev.records)

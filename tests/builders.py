@@ -1,14 +1,18 @@
-"""Builders shared by the statistics, floor and report tests: simulated per-problem records and the
-trials.jsonl rows a sweep writes from them (suite dicts are real :func:`mast.stats.mcnemar_test` outputs)."""
+"""Builders shared by the tests: simulated per-problem records and the trials.jsonl rows a sweep writes
+from them (suite dicts are real :func:`mast.stats.mcnemar_test` outputs), a validated sweep spec and a
+spec file."""
 
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
+import yaml
 from scipy import stats as st
 
 from mast import stats
+from mast.config import SweepSpec, validate
 
 
 def records_from_counts(both_correct, right_to_wrong, wrong_to_right, both_wrong, seed=0, prefix="q"):
@@ -130,3 +134,17 @@ def make_trials(n_seeds=3, ks=(2, 4), objectives=("npo", "ga"), rules=("mast", "
                        "config": {"rule": "mast", "objective": "simnpo", "k": 2, "seed": 0},
                        "suites": {}, "probe": None, "selected": [], "mlflow_run_id": None})
     return trials, baselines, records
+
+
+def sweep_spec(**over) -> SweepSpec:
+    """A minimal valid toy sweep spec (one `mast` rule), with top-level fields replaced by `over`."""
+    d = {"name": "t", "models": {"toy": {"seed": 0}}, "grid": {"rule": ["mast"]}}
+    d.update(over)
+    return validate(SweepSpec, d, "spec.yaml")
+
+
+def write_yaml(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
+    """`data` written as the YAML file `tmp_path / name`."""
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p

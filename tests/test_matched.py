@@ -38,7 +38,8 @@ def test_toy_validation_sets_share_no_id_and_no_text_with_test_sets_or_unlearnin
 def test_math_retain_validation_is_disjoint_from_forget_retain_and_the_retain_texts(tiny_pair, data_dir, tmp_path):
     from mast.config import SweepSpec
     from mast.layout import SweepDir
-    from mast.prepare import resolve_validation, sources
+    from mast.sources import sources
+    from mast.suites import resolve_validation
 
     ref, tgt = tiny_pair
     spec = SweepSpec.model_validate({

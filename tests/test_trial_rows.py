@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mast.prepare import first_correct_response
+from mast.baselines import first_correct_response
 from mast.tracking import trial_metrics
 
 MCN = {"n": 2, "both_correct": 1, "right_to_wrong": 1, "wrong_to_right": 0, "both_wrong": 0, "acc_before": 1.0,
