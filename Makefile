@@ -64,8 +64,11 @@ test-fast: install
 test-vllm: install-vllm
 	$(VLLM_BIN)/python -m pytest -q -m vllm
 
+# ruff, and import-linter's contract (pyproject.toml): no import cycle among mast's modules, imports
+# inside functions included.
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python benchmarks/grading.py
