@@ -40,7 +40,6 @@ RULE_FACTS: dict[str, Rule] = {
 }
 
 RULE_NAMES = tuple(RULE_FACTS)
-K_FREE_RULES = tuple(n for n, r in RULE_FACTS.items() if not r.uses_k)
 RHO_RULES = tuple(n for n, r in RULE_FACTS.items() if r.uses_rho)
 RANKED_RULES = tuple(n for n, r in RULE_FACTS.items() if r.ranked)
 NULL_RULES = tuple(n for n, r in RULE_FACTS.items() if not r.changes_weights)

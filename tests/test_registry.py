@@ -20,7 +20,6 @@ def test_spec_literals_derive_from_the_registry():
 
 
 def test_rule_facts():
-    assert set(registry.K_FREE_RULES) == {"attention", "full", "null"}
     assert registry.NULL_RULES == ("null",) and registry.NULL_RULE in registry.NULL_RULES
     assert set(registry.RHO_RULES) == {"mast", "off_principal", "off_principal_raw"}
     assert [n for n, r in registry.RULE_FACTS.items() if r.all_parameters] == ["full"]
