@@ -53,7 +53,7 @@
 #                   such a machine the vLLM parts SKIP; on a cluster node with `pip install -e
 #                   '.[vllm]'` they run (set SMOKE_SITE_DIR=none there; mast is then importable).
 #
-# Build the carry on the CPU machine (from the project's root; see README "GPU smoke check"):
+# Build the carry on the CPU machine (from the project's root; see docs/gpu-smoke.md):
 #   echo /.gpu_smoke/ >> .git/info/exclude
 #   bash benchmarks/build_carry.sh .gpu_smoke runs/toy       # after `mast toy runs/toy --seed 0`
 # On the GPU machine, from the project's root, with .gpu_smoke/ (git-ignored) holding this script and the two
