@@ -153,11 +153,14 @@ class GenerationRequest:
 class Backend:
     """The generation contract every caller uses: :meth:`generate` and :meth:`close`.
 
-    A backend also has ``name`` (its key in :data:`BACKENDS`, part of the evaluation cache key)
-    and ``tokenizer`` (callers format and encode prompts with it, :func:`encode_prompts`).
+    A backend also has ``name`` (its key in :data:`BACKENDS`, part of the evaluation cache key),
+    ``tokenizer`` (callers format and encode prompts with it, :func:`encode_prompts`) and
+    ``engine_starts``: how many times it started its engine (hf: model loads; vllm: worker
+    processes launched), the cost a trial records (docs/vllm.md).
     """
 
     name = ""
+    engine_starts = 0
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[list[dict]]]:
         """Per request, per prompt, its ``decoding.n`` samples ``{"text", "n_tokens", "truncated",
@@ -190,6 +193,7 @@ class HFBackend(Backend):
         self._device, self._dtype = device, dtype
         self.progress = progress
         self._tokenizer = self._model = None
+        self.engine_starts = 0  # model loads (a load after close() counts again)
 
     # tokenizer and weights load on first use: a backend built for suites that are all cache
     # hits never loads the model
@@ -223,6 +227,7 @@ class HFBackend(Backend):
             dtype = self._dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
             self._model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device)
             self._model.eval()
+            self.engine_starts += 1
         return self._model
 
     def _generation_config(self, decoding: DecodingSpec):
@@ -347,6 +352,7 @@ class VLLMBackend(Backend):
         self.progress = progress
         # the worker's environment defaults; the caller's own environment wins (docs/vllm.md)
         self.env_defaults = dict(VLLM_ENV_DEFAULTS)
+        self.engine_starts = 0  # worker processes launched (one engine each)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[list[dict]]]:
         """Every request in ONE worker process and ONE ``LLM.generate`` call.
@@ -373,6 +379,7 @@ class VLLMBackend(Backend):
             env = {**self.env_defaults, **os.environ}  # the worker must import this very `mast` (also from Ray)
             pkg_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+            self.engine_starts += 1
             rc = run_with_timeout([sys.executable, "-m", "mast.vllm_worker", str(inp), str(outp)], self.timeout_s,
                                   env=env)
             if rc is None:

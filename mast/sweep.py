@@ -77,8 +77,9 @@ def load_spec(spec_path: Path, data_dir: str | os.PathLike | None) -> SweepSpec:
 
 
 def trial_gpus(spec: SweepSpec) -> float:
-    """GPUs one trial needs: resources.gpu, and with vLLM at least its tensor-parallel size."""
-    if spec.evaluation.backend == "vllm":
+    """GPUs one trial needs: resources.gpu, and with vLLM on GPUs at least its tensor-parallel size
+    (resources.gpu 0 with vLLM: its CPU build, :func:`mast.grid.check_spec`)."""
+    if spec.evaluation.backend == "vllm" and spec.resources.gpu > 0:
         return max(spec.resources.gpu, float(spec.evaluation.tensor_parallel_size))
     return spec.resources.gpu
 
@@ -106,7 +107,7 @@ def _trial_resources(spec: SweepSpec):
 
     r = spec.resources
     tp = spec.evaluation.tensor_parallel_size
-    if spec.evaluation.backend == "vllm" and tp > 1:
+    if spec.evaluation.backend == "vllm" and tp > 1 and r.gpu > 0:
         # the vLLM worker is a subprocess of the trial on the same node, tensor-parallel over the
         # GPUs Ray gave the trial: one bundle holding them all, on one node
         return tune.PlacementGroupFactory([{"CPU": r.cpu, "GPU": max(r.gpu, float(tp))}], strategy="STRICT_PACK")

@@ -90,7 +90,8 @@ def init_experiment(uri: str, name: str, sweep_dir: str | os.PathLike) -> str:
 
 def trial_metrics(row: dict) -> dict[str, float]:
     """Flat per-trial metrics: ``{suite}/accuracy|delta|mcnemar_p|ci_low|ci_high|...`` and the SFT floor
-    ``{suite}/reference_accuracy|gain_removed|below_reference`` (gain_removed only where defined)."""
+    ``{suite}/reference_accuracy|gain_removed|below_reference`` (gain_removed only where defined), and
+    ``evaluation/engine_starts`` (engines the trial's evaluation started) where the row has it."""
     out: dict[str, float] = {}
     for suite, m in (row.get("suites") or {}).items():
         out[f"{suite}/accuracy"] = float(m["acc_after"])
@@ -113,6 +114,8 @@ def trial_metrics(row: dict) -> dict[str, float]:
         out["unlearning/steps_run"] = float(row["steps_run"])
     if row.get("stop_reached") is not None:
         out["unlearning/stop_reached"] = float(bool(row["stop_reached"]))
+    if row.get("engine_starts") is not None:
+        out["evaluation/engine_starts"] = float(row["engine_starts"])
     for suite, f in (row.get("sft_floor") or {}).items():
         out[f"{suite}/reference_accuracy"] = float(f["reference_acc"])
         out[f"{suite}/below_reference"] = float(bool(f["below_reference"]))

@@ -6,8 +6,10 @@ With ``unlearning.stop`` the unlearning loop checks the forget criterion in-loop
 ``stop_history`` (matched forgetting; ``stopped_early`` keeps meaning "ASHA stopped it"). The
 validation suites are scored last, into ``validation`` (choices only, never a reported result).
 
-Every suite is scored with the evaluation cache bypassed (a fresh backend, the suite's decoding),
-and read against the SFT floor (:mod:`mast.floor`: share of the RLVR gain removed, below the
+A trial's whole evaluation (every suite, the validation suites, the probe) is ONE
+:func:`mast.evaluation.evaluate_many` call (:func:`evaluate_trial`): one backend, one engine start
+(``engine_starts`` in the row), one ``generate()``. Every suite is scored with the evaluation cache
+bypassed (a fresh backend, the suite's decoding), and read against the SFT floor (:mod:`mast.floor`: share of the RLVR gain removed, below the
 reference). A ``null`` trial (the noise floor) selects nothing and skips unlearning: the target
 itself goes through the same evaluation path; bypassing the cache matters most there, since the
 cache is keyed by the model's fingerprint and would hand back the baseline's own records.
@@ -28,7 +30,7 @@ from typing import Any
 
 from mast.backends import make_backend
 from mast.config import SuiteSpec
-from mast.evaluation import evaluate, truncated_rate
+from mast.evaluation import EvalResult, evaluate_many, truncated_rate
 from mast.files import now, read_json, read_jsonl, write_json, write_jsonl
 from mast.floor import sft_floor_entry
 from mast.grid import Trial, trial_params
@@ -136,9 +138,12 @@ class TrialRow:
     stop_history: list[dict] | None = None
     # validation suites: {"n", "acc_before", "acc_after"} per suite (for choices; never reported)
     validation: dict[str, dict] | None = None
+    # engines the trial's evaluation started (hf: model loads; vllm: worker processes): 1 per trial
+    # (:func:`evaluate_trial`); the in-loop stop check's hf model is not one
+    engine_starts: int | None = None
 
     _OPTIONAL = ("all_parameters", "timing", "partial", "stopped_early", "sft_floor", "steps_run", "stop_reached",
-                 "stop_metric", "stop_threshold", "stop_history", "validation")
+                 "stop_metric", "stop_threshold", "stop_history", "validation", "engine_starts")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -299,55 +304,80 @@ def stop_check(trial: Trial, ctx: TrialContext):
                       max_length=trial.unlearning.max_length, batch_size=ctx.batch_size)
 
 
-def evaluate_validation(backend, model_dir, ctx: TrialContext, row: TrialRow, td: TrialDir, seed: int) -> None:
-    """Accuracy on each validation suite (records in results/<name>.jsonl): the input of choices
-    (the matched level on an lr/steps axis), never a reported result."""
+VALIDATION_PREFIX = "validation/"  # a validation suite's name in the trial's evaluate_many call
+
+
+def evaluate_trial(model_dir: str | Path, ctx: TrialContext, seed: int) -> tuple[dict[str, EvalResult], int]:
+    """Every suite, every validation suite and the probe of a trial on `model_dir` in ONE
+    :func:`evaluate_many` call: one backend, one engine start (vLLM: one worker process), one
+    ``generate()``; each suite keeps its decoding with the trial's own sampling seed
+    (SuiteSpec.trial_run), the evaluation cache bypassed. Returns (results by suite name, validation
+    suites under ``validation/<name>``; the engine starts the backend counted)."""
+    suites = [s.trial_run(seed) for s in ctx.suites.values()]
+    problems = dict(ctx.problems)
     for name, suite in ctx.validation.items():
-        ev = evaluate(model_dir, suite.trial_run(seed), backend=backend, problems=ctx.validation_problems[name],
-                      use_cache=False, progress=False)
-        write_jsonl(td.results(name), ev.records)
-        before = ctx.validation_baseline.get(name) or []
-        row.validation = {**(row.validation or {}), name: {
-            "n": ev.n, "acc_after": ev.accuracy,
-            "acc_before": sum(bool(r["correct"]) for r in before) / len(before) if before else None}}
+        suites.append(suite.trial_run(seed).model_copy(update={"name": VALIDATION_PREFIX + name}))
+        problems[VALIDATION_PREFIX + name] = ctx.validation_problems[name]
+    backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
+    try:
+        results = evaluate_many(model_dir, suites, backend=backend, problems=problems, use_cache=False,
+                                progress=False)
+    finally:
+        backend.close()
+    assert not any(ev.cache_hit for ev in results.values()), "a trial's evaluation never reads the evaluation cache"
+    return results, backend.engine_starts
+
+
+def score_validation(name: str, ev: EvalResult, ctx: TrialContext, row: TrialRow, td: TrialDir) -> None:
+    """Accuracy on a validation suite (records in results/<name>.jsonl): the input of choices
+    (the matched level on an lr/steps axis), never a reported result."""
+    write_jsonl(td.results(name), ev.records)
+    before = ctx.validation_baseline.get(name) or []
+    row.validation = {**(row.validation or {}), name: {
+        "n": ev.n, "acc_after": ev.accuracy,
+        "acc_before": sum(bool(r["correct"]) for r in before) / len(before) if before else None}}
+
+
+def score_suite(name: str, ev: EvalResult, ctx: TrialContext, row: TrialRow, td: TrialDir) -> None:
+    """The suite's records into `td`; its paired tests vs the cached baseline, the SFT floor and the
+    probe into `row`."""
+    write_jsonl(td.results(name), ev.records)
+    m = mcnemar_test(ctx.baseline[name], ev.records, n_bootstrap=ctx.n_bootstrap, confidence=ctx.confidence, seed=0)
+    rate = truncated_rate(ev.records)
+    if rate is not None:
+        m["truncated_rate"] = rate  # answers cut at max_tokens: never silently "wrong"
+    if any(len(r.get("samples") or ()) > 1 for r in ev.records):
+        m["samples_test"] = paired_sample_tests(ctx.baseline[name], ev.records)  # n > 1: avg@n, primary
+    row.suites[name] = m
+    if name in ctx.rl_gain and name in ctx.reference_results:
+        vs_ref = mcnemar_test(ctx.reference_results[name], ev.records, n_bootstrap=1,
+                              names=("reference", "unlearned"))["p_value"]
+        row.sft_floor = {**(row.sft_floor or {}), name: sft_floor_entry(ctx.rl_gain[name], m["acc_after"], vs_ref)}
+    if ev.probe is not None and row.probe is None and name in ctx.baseline_probe:
+        before = ctx.baseline_probe[name]
+        row.probe = {"suite": name, "fractions": ev.probe["fractions"],
+                     "before": before["accuracy"], "after": ev.probe["accuracy"]}
+        write_json(td.probe, {**row.probe, "before_detail": before, "after_detail": ev.probe})
 
 
 def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row: TrialRow, t_start: float,
                     report, seed: int = 0) -> None:
-    """3. evaluate every suite on `model_dir` (fresh backend, evaluation cache bypassed, the trial's own
-    sampling seed: SuiteSpec.trial_run), 4. paired tests vs the cached baseline and the SFT floor, into
-    `row` (per-problem results in `td`)."""
-    backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
-    try:
-        for i, (name, suite) in enumerate(ctx.suites.items()):
-            ev = evaluate(model_dir, suite.trial_run(seed), backend=backend, problems=ctx.problems[name],
-                          use_cache=False, progress=False)
-            assert not ev.cache_hit, "a trial's evaluation never reads the evaluation cache"
-            write_jsonl(td.results(name), ev.records)
-            m = mcnemar_test(ctx.baseline[name], ev.records, n_bootstrap=ctx.n_bootstrap,
-                             confidence=ctx.confidence, seed=0)
-            rate = truncated_rate(ev.records)
-            if rate is not None:
-                m["truncated_rate"] = rate  # answers cut at max_tokens: never silently "wrong"
-            if any(len(r.get("samples") or ()) > 1 for r in ev.records):
-                m["samples_test"] = paired_sample_tests(ctx.baseline[name], ev.records)  # n > 1: avg@n, primary
-            row.suites[name] = m
-            if name in ctx.rl_gain and name in ctx.reference_results:
-                vs_ref = mcnemar_test(ctx.reference_results[name], ev.records, n_bootstrap=1,
-                                      names=("reference", "unlearned"))["p_value"]
-                row.sft_floor = {**(row.sft_floor or {}),
-                                 name: sft_floor_entry(ctx.rl_gain[name], m["acc_after"], vs_ref)}
-            if ev.probe is not None and row.probe is None and name in ctx.baseline_probe:
-                before = ctx.baseline_probe[name]
-                row.probe = {"suite": name, "fractions": ev.probe["fractions"],
-                             "before": before["accuracy"], "after": ev.probe["accuracy"]}
-                write_json(td.probe, {**row.probe, "before_detail": before, "after_detail": ev.probe})
-            if ctx.report_each_suite and i < len(ctx.suites) - 1:
-                # ASHA: intermediate result after each suite (rung = suites scored); a stopped
-                # trial keeps the suites it has (partial row, reconciled by the driver)
-                row.timing = {"started": t_start, "finished": time.time()}
-                write_json(td.result, dataclasses.replace(row, partial=True).to_dict())
-                report(report_metrics(row))
-        evaluate_validation(backend, model_dir, ctx, row, td, seed)
-    finally:
-        backend.close()
+    """3. evaluate the trial on `model_dir` (:func:`evaluate_trial`: one engine start for everything),
+    4. paired tests vs the cached baseline and the SFT floor, suite by suite, into `row` (per-problem
+    results in `td`), then the validation suites.
+
+    ASHA (``ctx.report_each_suite``): an intermediate report after each suite, in suite order, once
+    everything is generated: ASHA still ranks trials by the first suites, but a stopped trial no
+    longer saves the later suites' generation (docs/architecture.md).
+    """
+    results, row.engine_starts = evaluate_trial(model_dir, ctx, seed)
+    for i, name in enumerate(ctx.suites):
+        score_suite(name, results[name], ctx, row, td)
+        if ctx.report_each_suite and i < len(ctx.suites) - 1:
+            # ASHA: intermediate result after each suite (rung = suites scored); a stopped
+            # trial keeps the suites it has (partial row, reconciled by the driver)
+            row.timing = {"started": t_start, "finished": time.time()}
+            write_json(td.result, dataclasses.replace(row, partial=True).to_dict())
+            report(report_metrics(row))
+    for name in ctx.validation:
+        score_validation(name, results[VALIDATION_PREFIX + name], ctx, row, td)

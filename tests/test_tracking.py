@@ -123,3 +123,5 @@ def test_tracker_pickles_without_client(tracker):
 def test_trial_metrics_names():
     m = trial_metrics(_row())
     assert m["forget/accuracy"] == 0.4 and m["forget/mcnemar_p"] == 1.0 and m["retain/delta"] == 0.0
+    assert "evaluation/engine_starts" not in m  # rows written before the field had it
+    assert trial_metrics({**_row(), "engine_starts": 1})["evaluation/engine_starts"] == 1.0

@@ -73,6 +73,8 @@ def test_null_trial_evaluates_the_target_again_with_the_cache_bypassed(tmp_path,
     assert {s: (e["flip_rate"], e["mcnemar_p"], e["seeds"]) for s, e in nf.items()} == {
         "forget": (0.0, 1.0, [3]), "retain": (0.0, 1.0, [3])}
     assert reports[-1]["forget/mcnemar_p"] == 1.0 and tracker.run_status(row["mlflow_run_id"]) == "FINISHED"
+    # every suite in one evaluate_many call: the hf backend loaded the model once
+    assert row["engine_starts"] == 1 and reports[-1]["evaluation/engine_starts"] == 1.0
 
 
 def test_trials_sample_independently_of_the_baseline(tiny_model, problems):
