@@ -295,7 +295,8 @@ def stop_check(trial: Trial, ctx: TrialContext):
         return None
     if ctx.stop_suite is None or not ctx.stop_problems:
         raise RuntimeError("unlearning.stop is set but the sweep prepared no stop problems")
-    return make_check(stop, ctx.target, ctx.stop_problems, suite=ctx.stop_suite, template=ctx.template,
+    return make_check(stop, ctx.target, ctx.stop_problems, suite=ctx.stop_suite.trial_run(trial.trial_id, "stop"),
+                      template=ctx.template,
                       max_length=trial.unlearning.max_length, batch_size=ctx.batch_size)
 
 
@@ -303,7 +304,7 @@ def evaluate_validation(backend, model_dir, ctx: TrialContext, row: TrialRow, td
     """Accuracy on each validation suite (records in results/<name>.jsonl): the input of choices
     (the matched level on an lr/steps axis), never a reported result."""
     for name, suite in ctx.validation.items():
-        ev = evaluate(model_dir, suite.trial_run(seed), backend=backend, problems=ctx.validation_problems[name],
+        ev = evaluate(model_dir, suite.trial_run(row.trial_id), backend=backend, problems=ctx.validation_problems[name],
                       use_cache=False, progress=False)
         write_jsonl(td.results(name), ev.records)
         before = ctx.validation_baseline.get(name) or []
@@ -320,7 +321,7 @@ def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row:
     backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
     try:
         for i, (name, suite) in enumerate(ctx.suites.items()):
-            ev = evaluate(model_dir, suite.trial_run(seed), backend=backend, problems=ctx.problems[name],
+            ev = evaluate(model_dir, suite.trial_run(row.trial_id), backend=backend, problems=ctx.problems[name],
                           use_cache=False, progress=False)
             assert not ev.cache_hit, "a trial's evaluation never reads the evaluation cache"
             write_jsonl(td.results(name), ev.records)
