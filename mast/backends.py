@@ -16,8 +16,8 @@ every group of a call into one list (in the spirit of lm-evaluation-harness's
 
 Both receive the same token ids, decode by the one greedy rule (:attr:`DecodingSpec.greedy`),
 seed sample j of a prompt with the prompt's seed + j (:attr:`GenerationRequest.seeds`,
-:mod:`mast.sampling_seeds`), and count tokens the same way (generated tokens without the EOS / stop token; ``truncated`` =
-the answer stopped at ``max_tokens``). :func:`make_backend` builds one by name (:data:`BACKENDS`).
+:mod:`mast.sampling_seeds`), and count tokens the same way (generated tokens without the EOS /
+stop token; ``truncated`` = the answer stopped at ``max_tokens``). :func:`make_backend` builds one by name (:data:`BACKENDS`).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class HFBackend(Backend):
     requests one after the other. Greedy (:attr:`DecodingSpec.greedy`), or sampling where each
     row (sample j of prompt i) draws its tokens with a generator of its own seeded ``seed_i + j``
     (:class:`RowSampler`; no global RNG is used), so a prompt's samples do not depend on its batch
-    beyond the logits' own float noise (batch_size 1 and 8 give the same samples on the toy).
+    beyond the logits' own float noise (batch_size 1 and 8 give the same samples in the tests).
     """
 
     name = "hf"
@@ -266,11 +266,13 @@ class HFBackend(Backend):
         return [self._generate_group(r.prompt_ids, r.decoding, r.prompt_seeds()) for r in requests]
 
     def _row_sampler(self, decoding: DecodingSpec, seeds: list[int]):
-        """Logits processors that sample rows ``(seed, j)`` for each seed (prompt) and j < n: the
-        decoding's temperature and top-p (transformers' own warpers, as ``do_sample`` applies them),
-        then :class:`RowSampler`. Passed to generate() in greedy mode: there user processors come
-        after generate()'s own and no sampling warper is added (transformers >= 4.45 puts its
-        warpers AFTER user processors, so this cannot run with ``do_sample``)."""
+        """Logits processors that sample the rows (prompt i, sample j), prompt-major, each with a
+        generator seeded ``seeds[i] + j``: the decoding's temperature and top-p (transformers' own
+        warpers, as ``do_sample`` applies them; no top-k, vLLM's default), then :class:`RowSampler`.
+
+        generate() runs them in greedy mode, which then takes the drawn token as its argmax. With
+        ``do_sample`` it would not work: transformers appends its own warpers AFTER the caller's
+        processors (``_get_logits_processor``), so a sampler there would draw from unwarped scores."""
         import torch
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
