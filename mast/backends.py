@@ -15,8 +15,9 @@ every group of a call into one list (in the spirit of lm-evaluation-harness's
   and one ``generate()`` call; a timeout kills the worker.
 
 Both receive the same token ids, decode by the one greedy rule (:attr:`DecodingSpec.greedy`),
-and count tokens the same way (generated tokens without the EOS / stop token; ``truncated`` =
-the answer stopped at ``max_tokens``). :func:`make_backend` builds one by name (:data:`BACKENDS`).
+seed sample j of a prompt with the prompt's seed + j (:attr:`GenerationRequest.seeds`,
+:mod:`mast.sampling_seeds`), and count tokens the same way (generated tokens without the EOS /
+stop token; ``truncated`` = the answer stopped at ``max_tokens``). :func:`make_backend` builds one by name (:data:`BACKENDS`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 from mast.config import DecodingSpec
 from mast.files import InputError
+from mast.sampling_seeds import sample_seeds
 
 # --------------------------------------------------------------------------- pure helpers
 
@@ -144,10 +146,23 @@ def stop_token_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> lis
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One group of a generation call: prompt token ids (:func:`encode_prompts`) decoded with one decoding."""
+    """One group of a generation call: prompt token ids (:func:`encode_prompts`) decoded with one decoding.
+
+    ``seeds``: one sampling seed per prompt (sample j of prompt i draws with ``seeds[i] + j``, in
+    both backends); None: ``decoding.seed`` for every prompt. Greedy decoding ignores them.
+    """
 
     prompt_ids: list[list[int]]
     decoding: DecodingSpec
+    seeds: list[int] | None = None
+
+    def __post_init__(self):
+        if self.seeds is not None and len(self.seeds) != len(self.prompt_ids):
+            raise ValueError(f"{len(self.seeds)} seeds for {len(self.prompt_ids)} prompts")
+
+    def prompt_seeds(self) -> list[int]:
+        """Each prompt's sampling seed (``seeds``, else ``decoding.seed``)."""
+        return [int(x) for x in self.seeds] if self.seeds is not None else [self.decoding.seed] * len(self.prompt_ids)
 
 
 class Backend:
@@ -177,9 +192,10 @@ class HFBackend(Backend):
 
     Prompts are sorted by token length (longest first, so an out-of-memory shows at once),
     cut into batches of `batch_size`, left-padded, generated, and put back in request order;
-    requests one after the other. Greedy (:attr:`DecodingSpec.greedy`) or sampling with
-    ``torch.manual_seed(decoding.seed)`` inside a forked RNG (the caller's global RNG state is
-    left untouched), seeded afresh for each request.
+    requests one after the other. Greedy (:attr:`DecodingSpec.greedy`), or sampling where each
+    row (sample j of prompt i) draws its tokens with a generator of its own seeded ``seed_i + j``
+    (:class:`RowSampler`; no global RNG is used), so a prompt's samples do not depend on its batch
+    beyond the logits' own float noise (batch_size 1 and 8 give the same samples in the tests).
     """
 
     name = "hf"
@@ -235,25 +251,46 @@ class HFBackend(Backend):
 
         if decoding.repetition_detection is not None:
             raise InputError("decoding.repetition_detection: only the vllm backend has it")
-        sample = not decoding.greedy
+        # greedy settings for both: sampling is a logits processor's (:meth:`_row_sampler`), which
+        # picks each row's token and leaves generate() to take the argmax
         return GenerationConfig(
             max_new_tokens=decoding.max_tokens,
-            do_sample=sample,
-            temperature=decoding.temperature if sample else 1.0,
-            top_p=decoding.top_p if sample else 1.0,
-            top_k=0 if sample else None,  # vLLM's default: no top-k truncation
+            do_sample=False,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
             repetition_penalty=1.0,
             num_beams=1,
-            num_return_sequences=decoding.n if sample else 1,
+            num_return_sequences=1,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             stop_strings=list(decoding.stop) or None,
         )
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[list[dict]]]:
-        return [self._generate_group(r.prompt_ids, r.decoding) for r in requests]
+        return [self._generate_group(r.prompt_ids, r.decoding, r.prompt_seeds()) for r in requests]
 
-    def _generate_group(self, prompt_ids: list[list[int]], decoding: DecodingSpec) -> list[list[dict]]:
+    def _row_sampler(self, decoding: DecodingSpec, seeds: list[int]):
+        """Logits processors that sample the rows (prompt i, sample j), prompt-major, each with a
+        generator seeded ``seeds[i] + j``: the decoding's temperature and top-p (transformers' own
+        warpers, as ``do_sample`` applies them; no top-k, vLLM's default), then :class:`RowSampler`.
+
+        generate() runs them in greedy mode, which then takes the drawn token as its argmax. With
+        ``do_sample`` it would not work: transformers appends its own warpers AFTER the caller's
+        processors (``_get_logits_processor``), so a sampler there would draw from unwarped scores."""
+        import torch
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        procs = []
+        if decoding.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(decoding.temperature))
+        if decoding.top_p < 1.0:
+            procs.append(TopPLogitsWarper(decoding.top_p))
+        gens = [torch.Generator(device=self.device).manual_seed(x) for s in seeds for x in sample_seeds(s, decoding.n)]
+        return LogitsProcessorList([*procs, RowSampler(gens)])
+
+    def _generate_group(self, prompt_ids: list[list[int]], decoding: DecodingSpec,
+                        seeds: list[int]) -> list[list[dict]]:
         """Per prompt its n samples ``{"text", "n_tokens", "truncated", "finish_reason"}`` (request order)."""
         import torch
         from tqdm.auto import tqdm
@@ -268,9 +305,7 @@ class HFBackend(Backend):
         pad = self.tokenizer.pad_token_id
         bar = tqdm(total=len(prompt_ids), desc=f"generate ({self.model_dir.name})", unit="prompt",
                    disable=not self.progress, file=sys.stderr, leave=False)
-        with torch.random.fork_rng(devices=[self.device] if self.device.startswith("cuda") else []), \
-                torch.inference_mode():
-            torch.manual_seed(decoding.seed)
+        with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 width = max(len(prompt_ids[i]) for i in idx)
@@ -280,9 +315,12 @@ class HFBackend(Backend):
                     p = prompt_ids[i]
                     ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
                     mask[row, width - len(p):] = 1
+                # sampling: n rows per prompt (prompt-major, as num_return_sequences lays them out)
+                ids, mask = ids.repeat_interleave(n_ret, dim=0), mask.repeat_interleave(n_ret, dim=0)
                 seqs = self.model.generate(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                     generation_config=gen_config, tokenizer=self.tokenizer if decoding.stop else None,
+                    logits_processor=self._row_sampler(decoding, [seeds[i] for i in idx]) if sample else None,
                 )
                 new = seqs[:, width:].tolist()
                 raw = self.tokenizer.batch_decode([self._strip(t) for t in new], skip_special_tokens=True)
@@ -310,6 +348,29 @@ class HFBackend(Backend):
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+class RowSampler:
+    """A logits processor that samples each row's next token from softmax(scores) with the row's own
+    ``torch.Generator`` and returns scores whose argmax is that token (0 there, -inf elsewhere).
+
+    Under greedy generate() this is multinomial sampling as ``do_sample`` does it, but a row's
+    draws depend only on its own scores and generator: not on the batch, nor on the global RNG.
+    Rows run on after they finish (padding); their extra draws touch no other row.
+    """
+
+    def __init__(self, generators: list):
+        self.generators = generators
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"{scores.shape[0]} rows for {len(self.generators)} generators")
+        probs = torch.softmax(scores, dim=-1)
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tokens[:, None], 0.0)
 
 
 # vLLM's CPU build reserves VLLM_CPU_KVCACHE_SPACE GiB of KV cache per engine (its default, 19 GiB,
@@ -361,7 +422,7 @@ class VLLMBackend(Backend):
         The worker is killed (its whole process group: vLLM's engine-core and tensor-parallel
         processes too) after ``timeout_s`` seconds, and the call raises RuntimeError.
         """
-        todo = [(i, r.prompt_ids, r.decoding) for i, r in enumerate(requests) if r.prompt_ids]
+        todo = [(i, r.prompt_ids, r.decoding, r.prompt_seeds()) for i, r in enumerate(requests) if r.prompt_ids]
         result: list[list[list[dict]]] = [[] for _ in requests]
         if not todo:
             return result
@@ -369,8 +430,9 @@ class VLLMBackend(Backend):
         job = {
             "model": str(self.model_dir.resolve()),
             "llm": {**self.options, "seed": seed},
-            "groups": [{"sampling": vllm_sampling_kwargs(dec, self.eos_ids), "prompt_token_ids": ids}
-                       for _, ids, dec in todo],
+            # sampling: one seed per prompt (greedy jobs are as before: none)
+            "groups": [{"sampling": vllm_sampling_kwargs(dec, self.eos_ids), "prompt_token_ids": ids,
+                        **({} if dec.greedy else {"seeds": seeds})} for _, ids, dec, seeds in todo],
             "progress": self.progress,
         }
         with tempfile.TemporaryDirectory(prefix="mast-vllm-") as tmp:
@@ -388,7 +450,7 @@ class VLLMBackend(Backend):
             if rc != 0 or not outp.is_file():
                 raise RuntimeError(f"vLLM worker failed (exit {rc}) on {self.model_dir}")
             got = json.loads(outp.read_text(encoding="utf-8"))["groups"]
-        for (i, ids, dec), rows in zip(todo, got):
+        for (i, ids, dec, _), rows in zip(todo, got):
             if len(rows) != len(ids):
                 raise RuntimeError(f"vLLM worker returned {len(rows)} results for {len(ids)} prompts")
             result[i] = [[{**smp, "text": truncate_at_stop(smp["text"], dec.stop)} for smp in r] for r in rows]

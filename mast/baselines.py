@@ -5,7 +5,7 @@ trial-independent selection statistics.
 
 ``data.require_target_correct`` (MATH): the forget set is chosen on one run of the target
 (the candidates it solved) and trials are tested against a SECOND, independent run of the
-target on the chosen problems (:meth:`~mast.config.SuiteSpec.independent_run`). Testing against
+target on the chosen problems (stream ``target/2``, :meth:`~mast.config.SuiteSpec.independent_run`). Testing against
 the choosing run would make wrong->right flips impossible by construction, so evaluation noise
 alone would look like forgetting. With greedy decoding on the CPU the two runs are identical
 (nothing to correct); with sampling or vLLM batching they differ.
@@ -21,6 +21,7 @@ from mast.evaluation import evaluate
 from mast.files import InputError, log, write_jsonl
 from mast.grid import grid_rhos
 from mast.layout import SweepDir
+from mast.sampling_seeds import REFERENCE, SECOND_TARGET
 from mast.selection import coupling_stats, spectral_stats_multi
 from mast.sources import Sources
 from mast.suites import Suite
@@ -66,7 +67,7 @@ def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], 
 def _choose_target_correct_forget(spec: SweepSpec, src: Sources, s: Suite, sd: SweepDir, backend,
                                   out: Baselines) -> None:
     """require_target_correct: the forget set = the first forget_size candidates run 1 solves (`s` and
-    `src` updated); its baseline = run 2 (another sampling seed) on them, into `out`."""
+    `src` updated); its baseline = run 2 (its own sampling stream) on them, into `out`."""
     res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache, progress=True)
     ok = [(p, r) for p, r in zip(s.problems, res.records) if r["correct"]][: spec.data.forget_size]
     if len(ok) < spec.data.forget_size:
@@ -75,7 +76,7 @@ def _choose_target_correct_forget(spec: SweepSpec, src: Sources, s: Suite, sd: S
     s.problems = [p for p, _ in ok]
     src.forget_texts = s.problems
     out.selection_runs["forget"] = [r for _, r in ok]
-    second = evaluate(src.target, s.spec.independent_run(), backend=backend, problems=s.problems,
+    second = evaluate(src.target, s.spec.independent_run(SECOND_TARGET), backend=backend, problems=s.problems,
                       cache_dir=sd.eval_cache, progress=True)
     out.evaluations["forget"] = 2
     out.records["forget"] = second.records
@@ -98,13 +99,14 @@ def evaluate_validation(src: Sources, validation: dict[str, Suite], sd: SweepDir
 
 def evaluate_reference(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir) -> Baselines:
     """Evaluate the reference (SFT) model once per suite, on the same problems as the target's
-    baseline (cached like it): the SFT floor every trial is read against."""
+    baseline (cached like it; sampled in a stream of its own): the SFT floor every trial is read against."""
     out = Baselines({}, {}, {})
     backend = make_backend(spec.evaluation.backend, src.reference, batch_size=spec.evaluation.batch_size,
                            **spec.evaluation.backend_options())
     try:
         for name, s in suites.items():
-            suite = s.spec.model_copy(update={"probe": None})  # the floor needs accuracy, not the probe
+            # the floor needs accuracy, not the probe
+            suite = s.spec.model_copy(update={"probe": None}).independent_run(REFERENCE)
             res = evaluate(src.reference, suite, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
                            progress=True)
             out.records[name] = res.records

@@ -32,12 +32,9 @@ from mast.registry import (
     TEMPLATE_NAMES,
     default_beta,
 )
+from mast.sampling_seeds import MAX_SAMPLES, SECOND_TARGET, trial_stream
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-# sampling seeds of a suite's runs (they matter only with temperature > 0), offsets to its decoding.seed s:
-# a second, independent run of the same model (s + 1), and a trial of seed k (s + 100 + k)
-INDEPENDENT_SEED_OFFSET = 1
-TRIAL_SEED_OFFSET = 100
 
 
 RuleName = Literal[RULE_NAMES]  # type: ignore[valid-type]
@@ -76,22 +73,31 @@ class DecodingSpec(Spec):
 
     ``repetition_detection`` is vLLM-only (the hf backend refuses it); set it in a sweep's
     ``evaluation.decoding`` so every suite of every run decodes alike.
+
+    ``stream`` names the run that samples (:mod:`mast.sampling_seeds`: with ``seed`` and a problem's
+    id it gives the problem's sampling seed); the sweep sets it (:meth:`SuiteSpec.independent_run`),
+    unset is the target's own run.
     """
 
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(1024, gt=0)
-    n: int = Field(1, gt=0)
+    n: int = Field(1, gt=0, le=MAX_SAMPLES)
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
     repetition_detection: RepetitionSpec | None = None
+    stream: str | None = None
 
     @model_serializer(mode="wrap")
-    def _drop_unset_repetition(self, handler):
-        # without it the dump (the eval cache key, every spec hash) is the same as before the field existed
+    def _drop_unset_fields(self, handler):
+        # without them the dump (the eval cache key, every spec hash) is the same as before the fields
+        # existed; a stream changes nothing under greedy decoding, so greedy dumps never carry one
         d = handler(self)
-        if isinstance(d, dict) and d.get("repetition_detection", 0) is None:
-            d.pop("repetition_detection")
+        if isinstance(d, dict):
+            if d.get("repetition_detection", 0) is None:
+                d.pop("repetition_detection")
+            if "stream" in d and (d["stream"] is None or self.greedy):
+                d.pop("stream")
         return d
 
     @property
@@ -155,16 +161,18 @@ class SuiteSpec(Spec):
             self.probe = ProbeSpec()
         return self
 
-    def independent_run(self, offset: int = INDEPENDENT_SEED_OFFSET) -> SuiteSpec:
-        """The suite with another sampling seed (decoding.seed + offset): a run of the same model whose
-        sampling noise is independent of the first (identical under greedy decoding)."""
-        decoding = self.decoding.model_copy(update={"seed": self.decoding.seed + offset})
+    def independent_run(self, stream: str = SECOND_TARGET) -> SuiteSpec:
+        """The suite as run `stream` samples it (decoding.stream; :mod:`mast.sampling_seeds`): no problem
+        gets a sample seed another stream uses, so its sampling noise is independent of every other
+        run's (identical under greedy decoding). Default: require_target_correct's second target run."""
+        decoding = self.decoding.model_copy(update={"stream": stream})
         return self.model_copy(update={"decoding": decoding})
 
-    def trial_run(self, trial_seed: int) -> SuiteSpec:
-        """How a trial of seed `trial_seed` evaluates this suite: sampling seed s + TRIAL_SEED_OFFSET + seed,
-        independent of the baseline's run (s) and of require_target_correct's second run (s + 1)."""
-        return self.independent_run(TRIAL_SEED_OFFSET + int(trial_seed))
+    def trial_run(self, trial_id: str, part: str | None = None) -> SuiteSpec:
+        """How trial `trial_id` evaluates this suite (its own stream ``trial/<trial_id>``; a `part` such
+        as ``stop``, its in-loop check, has ``trial/<trial_id>/<part>``): independent of the baselines,
+        of the reference's run and of every other trial, null trials included."""
+        return self.independent_run(trial_stream(trial_id, part))
 
 
 # --------------------------------------------------------------------------- method

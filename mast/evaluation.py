@@ -37,8 +37,9 @@ from mast.grading import grade_responses
 from mast.hub import resolve_model
 from mast.probe import probe_items, probe_output_path, probe_spec, score_probe
 from mast.prompts import format_prompt
+from mast.sampling_seeds import prompt_seed
 
-CACHE_VERSION = 2  # bump when the record format or the generation semantics change
+CACHE_VERSION = 3  # bump when the record format or the generation semantics change (3: per-prompt sampling seeds)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -341,12 +342,19 @@ def _request(job: _Job, tokenizer) -> GenerationRequest:
     """The suite's formatted prompts, then the probe's non-empty prefixes, as one request.
 
     An empty prefix (p = 0) reuses the evaluation's own response, so it is not generated again.
+    Sampling: each prompt's seed from the decoding's seed and stream and its problem id
+    (:func:`mast.sampling_seeds.prompt_seed`; a prefix's also from its fraction).
     """
     job.prompts = [format_prompt(tokenizer, p["prompt"], job.suite.template) for p in job.problems]
     job.prompt_ids = encode_prompts(tokenizer, job.prompts)
     job.items = probe_items(job.problems, job.prompts, job.probe) if job.probe else []
-    extra = encode_prompts(tokenizer, [it[3] for it in job.items if it[2]])
-    return GenerationRequest(job.prompt_ids + extra, job.suite.decoding)
+    prefixed = [it for it in job.items if it[2]]
+    extra = encode_prompts(tokenizer, [it[3] for it in prefixed])
+    dec = job.suite.decoding
+    seeds = None if dec.greedy else (
+        [prompt_seed(dec.seed, dec.stream, p["id"]) for p in job.problems]
+        + [prompt_seed(dec.seed, dec.stream, it[1]["id"], "prefix", it[0]) for it in prefixed])
+    return GenerationRequest(job.prompt_ids + extra, dec, seeds)
 
 
 def _finish(job: _Job, out: list[list[dict]], use_cache: bool, t0: float, t_gen: float) -> EvalResult:

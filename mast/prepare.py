@@ -4,11 +4,11 @@ read against (:mod:`mast.baselines`: the target's and the reference's results on
 the validation baselines, generated forget texts, selection statistics), summed up in a typed
 :class:`Prepared` (``prepared/prepared.json``, written last).
 
-Sampling seeds (they matter only with temperature > 0): the baseline runs with the suite's
-``decoding.seed`` s; require_target_correct's second run with s + 1; a trial of seed k (a null
-trial included) with s + ``TRIAL_SEED_OFFSET`` + k (:meth:`~mast.config.SuiteSpec.trial_run`), so
-a trial's run is independent of the baseline's and the null trial measures exactly the noise a
-trial faces.
+Sampling seeds (they matter only with temperature > 0): every run samples in a stream of its own
+(:mod:`mast.sampling_seeds`): the target's baselines ``target``, require_target_correct's second run
+``target/2``, the reference's ``reference``, a trial (a null trial included) ``trial/<trial_id>``
+(:meth:`~mast.config.SuiteSpec.trial_run`), so no two runs share a sample of a problem and the null
+trial measures exactly the noise a trial faces.
 
 :func:`check_inputs` checks every input before the sweep folder exists.
 """

@@ -263,7 +263,7 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
         # the noise floor: nothing selected, nothing trained; the target goes through the trial's evaluation
         assert not selected and not row.all_parameters, "a null trial changes no weight"
         t_unlearn = time.time()
-        evaluate_suites(ctx.target, ctx, td, row, t_start, report, trial.unlearning.seed)
+        evaluate_suites(ctx.target, ctx, td, row, t_start, report)
     else:
         # 2. unlearn (checkpoint in a trial-local folder, deleted after evaluation unless kept)
         ckpt = td.checkpoint
@@ -281,7 +281,7 @@ def _run_trial_body(trial: Trial, ctx: TrialContext, td: TrialDir, run_id: str, 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             assert Path(res.out_dir).resolve() != Path(ctx.target).resolve(), "a trial never evaluates the target"
-            evaluate_suites(res.out_dir, ctx, td, row, t_start, report, trial.unlearning.seed)
+            evaluate_suites(res.out_dir, ctx, td, row, t_start, report)
         finally:
             if not ctx.keep_checkpoints:
                 shutil.rmtree(ckpt, ignore_errors=True)
@@ -300,23 +300,24 @@ def stop_check(trial: Trial, ctx: TrialContext):
         return None
     if ctx.stop_suite is None or not ctx.stop_problems:
         raise RuntimeError("unlearning.stop is set but the sweep prepared no stop problems")
-    return make_check(stop, ctx.target, ctx.stop_problems, suite=ctx.stop_suite, template=ctx.template,
+    return make_check(stop, ctx.target, ctx.stop_problems, suite=ctx.stop_suite.trial_run(trial.trial_id, "stop"),
+                      template=ctx.template,
                       max_length=trial.unlearning.max_length, batch_size=ctx.batch_size)
 
 
 VALIDATION_PREFIX = "validation/"  # a validation suite's name in the trial's evaluate_many call
 
 
-def evaluate_trial(model_dir: str | Path, ctx: TrialContext, seed: int) -> tuple[dict[str, EvalResult], int]:
+def evaluate_trial(model_dir: str | Path, ctx: TrialContext, trial_id: str) -> tuple[dict[str, EvalResult], int]:
     """Every suite, every validation suite and the probe of a trial on `model_dir` in ONE
     :func:`evaluate_many` call: one backend, one engine start (vLLM: one worker process), one
-    ``generate()``; each suite keeps its decoding with the trial's own sampling seed
+    ``generate()``; each suite keeps its decoding, sampled in the trial's own stream
     (SuiteSpec.trial_run), the evaluation cache bypassed. Returns (results by suite name, validation
     suites under ``validation/<name>``; the engine starts the backend counted)."""
-    suites = [s.trial_run(seed) for s in ctx.suites.values()]
+    suites = [s.trial_run(trial_id) for s in ctx.suites.values()]
     problems = dict(ctx.problems)
     for name, suite in ctx.validation.items():
-        suites.append(suite.trial_run(seed).model_copy(update={"name": VALIDATION_PREFIX + name}))
+        suites.append(suite.trial_run(trial_id).model_copy(update={"name": VALIDATION_PREFIX + name}))
         problems[VALIDATION_PREFIX + name] = ctx.validation_problems[name]
     backend = make_backend(ctx.backend, model_dir, batch_size=ctx.batch_size, progress=False, **ctx.backend_options)
     try:
@@ -361,7 +362,7 @@ def score_suite(name: str, ev: EvalResult, ctx: TrialContext, row: TrialRow, td:
 
 
 def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row: TrialRow, t_start: float,
-                    report, seed: int = 0) -> None:
+                    report) -> None:
     """3. evaluate the trial on `model_dir` (:func:`evaluate_trial`: one engine start for everything),
     4. paired tests vs the cached baseline and the SFT floor, suite by suite, into `row` (per-problem
     results in `td`), then the validation suites.
@@ -370,7 +371,7 @@ def evaluate_suites(model_dir: str | Path, ctx: TrialContext, td: TrialDir, row:
     everything is generated: ASHA still ranks trials by the first suites, but a stopped trial no
     longer saves the later suites' generation (docs/architecture.md).
     """
-    results, row.engine_starts = evaluate_trial(model_dir, ctx, seed)
+    results, row.engine_starts = evaluate_trial(model_dir, ctx, row.trial_id)
     for i, name in enumerate(ctx.suites):
         score_suite(name, results[name], ctx, row, td)
         if ctx.report_each_suite and i < len(ctx.suites) - 1:

@@ -2,11 +2,13 @@
 
 IN: ``{"model", "llm": {tensor_parallel_size, gpu_memory_utilization, seed, dtype, enforce_eager,
 max_model_len}, "groups": [{"sampling": {n, temperature, top_p, max_tokens, seed, stop,
-stop_token_ids, skip_special_tokens}, "prompt_token_ids": [[int, ...], ...]}, ...], "progress": bool}``.
+stop_token_ids, skip_special_tokens}, "prompt_token_ids": [[int, ...], ...], "seeds": [int, ...]},
+...], "progress": bool}``; ``seeds`` (sampling only) is one seed per prompt, replacing ``sampling.seed``
+(vLLM seeds sample j with seed + j; :mod:`mast.sampling_seeds`).
 ``sampling`` is ready ``SamplingParams`` keyword arguments computed by the parent
 (:func:`mast.backends.vllm_sampling_kwargs`, greedy by :attr:`mast.config.DecodingSpec.greedy`),
 so the worker holds no decoding logic. Every group's prompts go into ONE ``LLM.generate`` call
-(one ``SamplingParams`` per prompt), so all suites of a trial share one engine start and one
+(a ``SamplingParams`` per prompt), so all suites of a trial share one engine start and one
 continuous batch.
 OUT: ``{"groups": [[[sample, ...n], ...per prompt], ...per group]}`` in request order, a sample
 being :func:`completion_sample`'s dict. The process exits when done, which is what frees
@@ -118,6 +120,16 @@ def model_max_len(model_dir: str) -> int | None:
     return int(n) if n else None
 
 
+def group_params(make, kw: dict, seeds: list[int] | None, n_prompts: int) -> list:
+    """A group's per-prompt ``SamplingParams`` (``make``): one shared object without per-prompt
+    `seeds`, else one per prompt with its own seed."""
+    if seeds is None:
+        return [make(**kw)] * n_prompts
+    if len(seeds) != n_prompts:
+        raise RuntimeError(f"{len(seeds)} seeds for {n_prompts} prompts")
+    return [make(**{**kw, "seed": int(s)}) for s in seeds]
+
+
 def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams  # lazy: only vLLM installs have it
     from vllm.platforms import current_platform
@@ -134,10 +146,9 @@ def run(job: dict) -> dict:
             from vllm.sampling_params import RepetitionDetectionParams
 
             kw["repetition_detection"] = RepetitionDetectionParams(**kw["repetition_detection"])
-        sp = SamplingParams(**kw)
         ids = g["prompt_token_ids"]
         prompts += [{"prompt_token_ids": p} for p in ids]  # TokensPrompt dicts
-        params += [sp] * len(ids)
+        params += group_params(SamplingParams, kw, g.get("seeds"), len(ids))
         ns += [int(g["sampling"]["n"])] * len(ids)
         sizes.append(len(ids))
     outputs = llm.generate(prompts, params, use_tqdm=bool(job.get("progress", True)))

@@ -91,7 +91,7 @@ def _plant(sd: SweepDir, model, suite, problems, correct, tag) -> None:
 
 def test_require_target_correct_tests_against_a_second_independent_run(tmp_path, tiny_pair, data_dir):
     """The forget set is chosen on run 1 of the target; every trial's McNemar 'before' side is run 2
-    (another sampling seed), where a chosen problem may be missed: the baseline is not right by construction."""
+    (its own sampling stream), where a chosen problem may be missed: the baseline is not right by construction."""
 
     reference, target = tiny_pair
     spec = sweep_spec(models={"reference": str(reference), "target": str(target)},
@@ -104,7 +104,7 @@ def test_require_target_correct_tests_against_a_second_independent_run(tmp_path,
     forget = resolve_suites(spec, src, None, str(data_dir))["forget"]
     cands, first = forget.problems, forget.spec
     second = first.independent_run()
-    assert (first.decoding.seed, second.decoding.seed) == (5, 6) and second.model_copy(
+    assert (first.decoding.stream, second.decoding.stream) == (None, "target/2") and second.model_copy(
         update={"decoding": first.decoding}) == first
     solved = [i % 2 == 0 for i in range(len(cands))]  # run 1 solves every other candidate
     _plant(sd, src.target, first, cands, solved, "run 1")

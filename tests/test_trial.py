@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from builders import sweep_spec
 
-from mast.config import TRIAL_SEED_OFFSET, SuiteSpec
+from mast.config import SuiteSpec
 from mast.evaluation import evaluate
 from mast.files import read_json, read_jsonl, write_jsonl
 from mast.floor import noise_floor
@@ -78,16 +78,17 @@ def test_null_trial_evaluates_the_target_again_with_the_cache_bypassed(tmp_path,
 
 
 def test_trials_sample_independently_of_the_baseline(tiny_model, problems):
-    """With sampling, a trial of seed k (a null trial too) draws with seed s + 100 + k, not the baseline's s:
+    """With sampling, a trial (a null trial too) draws in its own stream trial/<trial_id>, not the baseline's:
     a null trial is then a second, independent run (not a replay of the baseline's random stream)."""
 
     suite = SuiteSpec(name="s", benchmark="jsonl", path="<test>", template="plain",
                       decoding={"temperature": 1.0, "max_tokens": 8, "seed": 5})
-    assert [suite.trial_run(k).decoding.seed for k in (0, 2)] == [5 + TRIAL_SEED_OFFSET, 7 + TRIAL_SEED_OFFSET]
+    assert [suite.trial_run(t).decoding.stream for t in ("null-s0", "null-s2")] == ["trial/null-s0", "trial/null-s2"]
+    assert suite.trial_run("null-s0").decoding.seed == 5 and suite.decoding.stream is None
 
     def responses(sv):
         return [r["response"] for r in evaluate(tiny_model, sv, problems=problems[:6], use_cache=False,
                                                 progress=False).records]
 
-    baseline, null = responses(suite), responses(suite.trial_run(0))
-    assert null != baseline and responses(suite.trial_run(0)) == null  # independent, yet reproducible
+    baseline, null = responses(suite), responses(suite.trial_run("null-s0"))
+    assert null != baseline and responses(suite.trial_run("null-s0")) == null  # independent, yet reproducible

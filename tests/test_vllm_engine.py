@@ -3,7 +3,8 @@
 Engine tests (marker ``vllm``) run the toy RLVR model through :func:`mast.evaluation.evaluate_many`
 with ``backend="vllm"``: one worker process, one engine start, every suite of :func:`_suites` in
 one ``generate()``. The module makes that call twice (reproducibility needs two engine starts)
-and compares with the hf backend. Skipped where vLLM is not importable (the project's .venv).
+and compares with the hf backend. Runs in different sampling streams (:mod:`mast.sampling_seeds`)
+share no sample of a problem; the same stream reproduces. Skipped where vLLM is not importable (the project's .venv).
 
 The finish-reason handling (abort / error cannot be provoked on a healthy engine) and the CPU
 engine options are pure, tested on plain objects with vLLM 0.32's ``CompletionOutput`` fields.
@@ -12,6 +13,7 @@ engine options are pure, tested on plain objects with vLLM 0.32's ``CompletionOu
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import time
 from types import SimpleNamespace as NS
 
@@ -27,12 +29,18 @@ from mast.vllm_worker import (
     completion_sample,
     convert_request_outputs,
     cpu_engine_kwargs,
+    group_params,
 )
 
 no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (make test-vllm)")
 
 GREEDY, SHORT, SAMPLED, SAME_SEED, RESEEDED, REPEAT = "greedy", "short", "sampled", "same_seed", "reseeded", "repeat"
 SHORT_TOKENS, N = 4, 4
+# one decoding in four streams (target, its second run, two null trials) and the target's again: hot and
+# short, so two independent samples are never equal by chance (the toy's temperature-1 answers often are)
+STREAMS = {"hot_target": None, "hot_second": "target/2", "hot_trial_a": "trial/null-s0",
+           "hot_trial_b": "trial/null-s1"}
+HOT_AGAIN, HOT_PROBLEMS = "hot_again", 100
 
 
 def _suites(toy_dir) -> list[SuiteSpec]:
@@ -46,7 +54,9 @@ def _suites(toy_dir) -> list[SuiteSpec]:
             variant(SAMPLED, temperature=1.0, n=N, seed=5), variant(SAME_SEED, temperature=1.0, n=N, seed=5),
             variant(RESEEDED, temperature=1.0, n=N, seed=6),
             # a token repeated twice in a row ends the answer: some toy answers have one, most not
-            variant(REPEAT, repetition_detection=RepetitionSpec(max_pattern_size=1, min_count=2))]
+            variant(REPEAT, repetition_detection=RepetitionSpec(max_pattern_size=1, min_count=2)),
+            *[variant(name, temperature=2.0, n=N, max_tokens=12, seed=0, stream=stream).model_copy(
+                update={"limit": HOT_PROBLEMS}) for name, stream in [*STREAMS.items(), (HOT_AGAIN, None)]]]
 
 
 def _vllm_run(toy_dir) -> tuple[dict, float]:
@@ -121,6 +131,23 @@ def test_seeded_sampling_n4_is_reproducible(toy_dir, first):
     again, _ = _vllm_run(toy_dir)
     assert _texts(again[SAMPLED]) == texts
     assert [r["samples"] for r in again[SAMPLED].records] == [r["samples"] for r in res.records]
+    assert all(_texts(again[name]) == _texts(first[0][name]) for name in STREAMS)
+
+
+@pytest.mark.vllm
+@no_vllm
+def test_runs_in_other_streams_share_no_sample(first):
+    """vLLM seeds sample j with seed + j; under the old seed offsets (+1 for the second run, +100 + k for
+    a trial of seed k) sample j + 1 of one run was sample j of the other in 600 of 600 cases (toy, 200
+    problems, n = 4). Per-prompt seeds per stream: two streams' samples of a problem (any j, k) are equal
+    only by chance (the toy is confident even at temperature 2: measured 3-12 of the 1,600 pairs; a shared
+    seed makes >= 300 equal), and the target's stream gives the same samples under another suite name."""
+    runs = {name: _texts(first[0][name]) for name in [*STREAMS, HOT_AGAIN]}
+    assert all(len(r) == HOT_PROBLEMS for r in runs.values())
+    assert runs[HOT_AGAIN] == runs["hot_target"]
+    for a, b in itertools.combinations(STREAMS, 2):
+        shared = sum(x == y for ra, rb in zip(runs[a], runs[b]) for x in ra for y in rb)
+        assert shared <= HOT_PROBLEMS * N * N // 20, f"{a} and {b} share {shared} of {HOT_PROBLEMS * N * N} samples"
 
 
 # --------------------------------------------------------------------------- finish reasons (pure)
@@ -159,6 +186,18 @@ def test_repetition_detection_reaches_sampling_params_only_when_set():
     rep = plain.model_copy(update={"repetition_detection": RepetitionSpec(max_pattern_size=8, min_count=3)})
     assert vllm_sampling_kwargs(rep, [2])["repetition_detection"] == \
         {"max_pattern_size": 8, "min_pattern_size": 0, "min_count": 3}
+
+
+def test_a_sampled_group_gets_one_seed_per_prompt():
+    """One SamplingParams per prompt with its own seed (vLLM then seeds sample j with seed + j); a
+    group without per-prompt seeds (greedy) shares one, as before."""
+    kw = {"n": 4, "temperature": 1.0, "seed": 5}
+    shared = group_params(dict, kw, None, 3)
+    assert shared == [kw] * 3 and shared[0] is shared[2]
+    assert [p["seed"] for p in group_params(dict, kw, [512, 256, 7680], 3)] == [512, 256, 7680]
+    assert kw["seed"] == 5
+    with pytest.raises(RuntimeError, match="2 seeds for 3 prompts"):
+        group_params(dict, kw, [1, 2], 3)
 
 
 def test_cpu_engine_has_no_partial_prefill_and_computes_in_float32():
