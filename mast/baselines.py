@@ -17,7 +17,7 @@ import dataclasses
 
 from mast.backends import make_backend
 from mast.config import SuiteSpec, SweepSpec
-from mast.evaluation import evaluate
+from mast.evaluation import VALIDATION_PREFIX, evaluate, evaluate_many
 from mast.files import InputError, log, write_jsonl
 from mast.grid import grid_rhos
 from mast.layout import SweepDir
@@ -38,30 +38,43 @@ class Baselines:
     selection_runs: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
 
 
-def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir, backend) -> Baselines:
-    """Evaluate the target once per suite (every trial is paired with these results).
+def evaluate_baselines(spec: SweepSpec, src: Sources, suites: dict[str, Suite], validation: dict[str, Suite],
+                       sd: SweepDir, backend) -> tuple[Baselines, dict[str, float]]:
+    """Evaluate the target once per suite (every trial is paired with these results) and on every
+    validation suite (records in baseline/<name>.jsonl: where the validation curves start).
 
-    With ``data.require_target_correct`` (MATH) the forget split becomes the first forget_size
-    candidates the target solves in a first run (the capability to remove; `suites` and `src`
-    are updated), and the forget baseline is a second, independent run on them: the McNemar
-    "before" side of every trial.
+    All of it is ONE :func:`evaluate_many` call (vLLM: one engine start), after
+    ``data.require_target_correct``'s two runs (MATH): the forget split becomes the first
+    forget_size candidates the target solves in a first run (the capability to remove; `suites`
+    and `src` are updated), and the forget baseline is a second, independent run on them: the
+    McNemar "before" side of every trial. Returns (the baselines, validation accuracy by name).
     """
     out = Baselines({}, {}, {})
     if spec.data.require_target_correct and src.kind == "math" and "forget" in suites:
         _choose_target_correct_forget(spec, src, suites["forget"], sd, backend, out)
-    for name, s in suites.items():
-        if name in out.records:
-            continue
-        log(f"baseline: evaluating the target on {name} ({len(s.problems)} problems)")
-        res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
-                       progress=True)
+    todo = {n: s for n, s in suites.items() if n not in out.records}
+    specs = [s.spec for s in todo.values()] + [
+        s.spec.model_copy(update={"name": VALIDATION_PREFIX + n}) for n, s in validation.items()]
+    problems = {**{n: s.problems for n, s in todo.items()},
+                **{VALIDATION_PREFIX + n: s.problems for n, s in validation.items()}}
+    log(f"baseline: evaluating the target on {', '.join(f'{n} ({len(p)})' for n, p in problems.items())}")
+    results = evaluate_many(src.target, specs, backend=backend, problems=problems, cache_dir=sd.eval_cache,
+                            progress=True) if specs else {}
+    for name in todo:
+        res = results[name]
         out.evaluations[name] = out.evaluations.get(name, 0) + 1
         out.records[name] = res.records
         if res.probe is not None:
             out.probes[name] = res.probe
         log(f"baseline {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"
             f"{' (cache hit)' if res.cache_hit else ''} in {res.seconds:.0f}s")
-    return out
+    val_acc = {}
+    for name in validation:
+        res = results[VALIDATION_PREFIX + name]
+        write_jsonl(sd.baseline_results(name), res.records)
+        val_acc[name] = res.accuracy
+        log(f"baseline {name} (validation): {res.n_correct}/{res.n} = {res.accuracy:.3f}")
+    return out, val_acc
 
 
 def _choose_target_correct_forget(spec: SweepSpec, src: Sources, s: Suite, sd: SweepDir, backend,
@@ -84,31 +97,19 @@ def _choose_target_correct_forget(spec: SweepSpec, src: Sources, s: Suite, sd: S
         f"{second.n_correct}/{second.n}")
 
 
-def evaluate_validation(src: Sources, validation: dict[str, Suite], sd: SweepDir, backend) -> dict[str, float]:
-    """The target's accuracy on each validation suite (records in baseline/<name>.jsonl): the
-    starting point of the validation curves the matched level is chosen on."""
-    out = {}
-    for name, s in validation.items():
-        res = evaluate(src.target, s.spec, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
-                       progress=True)
-        write_jsonl(sd.baseline_results(name), res.records)
-        out[name] = res.accuracy
-        log(f"baseline {name} (validation): {res.n_correct}/{res.n} = {res.accuracy:.3f}")
-    return out
-
-
 def evaluate_reference(spec: SweepSpec, src: Sources, suites: dict[str, Suite], sd: SweepDir) -> Baselines:
     """Evaluate the reference (SFT) model once per suite, on the same problems as the target's
     baseline (cached like it; sampled in a stream of its own): the SFT floor every trial is read against."""
     out = Baselines({}, {}, {})
     backend = make_backend(spec.evaluation.backend, src.reference, batch_size=spec.evaluation.batch_size,
                            **spec.evaluation.backend_options())
+    # the floor needs accuracy, not the probe; one evaluate_many call: one engine start with vLLM
+    specs = [s.spec.model_copy(update={"probe": None}).independent_run(REFERENCE) for s in suites.values()]
     try:
-        for name, s in suites.items():
-            # the floor needs accuracy, not the probe
-            suite = s.spec.model_copy(update={"probe": None}).independent_run(REFERENCE)
-            res = evaluate(src.reference, suite, backend=backend, problems=s.problems, cache_dir=sd.eval_cache,
-                           progress=True)
+        results = evaluate_many(src.reference, specs, backend=backend,
+                                problems={n: s.problems for n, s in suites.items()}, cache_dir=sd.eval_cache,
+                                progress=True)
+        for name, res in results.items():
             out.records[name] = res.records
             out.evaluations[name] = 0 if res.cache_hit else 1
             log(f"reference {name}: {res.n_correct}/{res.n} = {res.accuracy:.3f}"

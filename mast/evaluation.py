@@ -40,6 +40,8 @@ from mast.prompts import format_prompt
 from mast.sampling_seeds import prompt_seed
 
 CACHE_VERSION = 3  # bump when the record format or the generation semantics change (3: per-prompt sampling seeds)
+# a validation suite's name where one evaluate_many call also scores the test suites (names may not clash)
+VALIDATION_PREFIX = "validation/"
 
 
 # --------------------------------------------------------------------------- pure helpers

@@ -24,7 +24,6 @@ from mast.baselines import (
     Baselines,
     evaluate_baselines,
     evaluate_reference,
-    evaluate_validation,
     generated_texts,
     selection_statistics,
 )
@@ -191,8 +190,7 @@ def prepare(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, data_dir: 
     backend = make_backend(spec.evaluation.backend, src.target, batch_size=spec.evaluation.batch_size,
                            **spec.evaluation.backend_options())
     try:
-        base = evaluate_baselines(spec, src, suites, sd, backend)
-        val_acc = evaluate_validation(src, validation, sd, backend)
+        base, val_acc = evaluate_baselines(spec, src, suites, validation, sd, backend)
         generated = None
         if needs_generated_texts(spec):
             generated = generated_texts(src, suites, base.records, backend, template, sd)

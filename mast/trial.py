@@ -30,7 +30,7 @@ from typing import Any
 
 from mast.backends import make_backend
 from mast.config import SuiteSpec
-from mast.evaluation import EvalResult, evaluate_many, truncated_rate
+from mast.evaluation import VALIDATION_PREFIX, EvalResult, evaluate_many, truncated_rate
 from mast.files import now, read_json, read_jsonl, write_json, write_jsonl
 from mast.floor import sft_floor_entry
 from mast.grid import Trial, trial_params
@@ -303,9 +303,6 @@ def stop_check(trial: Trial, ctx: TrialContext):
     return make_check(stop, ctx.target, ctx.stop_problems, suite=ctx.stop_suite.trial_run(trial.trial_id, "stop"),
                       template=ctx.template,
                       max_length=trial.unlearning.max_length, batch_size=ctx.batch_size)
-
-
-VALIDATION_PREFIX = "validation/"  # a validation suite's name in the trial's evaluate_many call
 
 
 def evaluate_trial(model_dir: str | Path, ctx: TrialContext, trial_id: str) -> tuple[dict[str, EvalResult], int]:
